@@ -1,0 +1,1 @@
+"""Process groups, checkpoints and launch (imported as ``facekd.distributed``)."""
