@@ -1,0 +1,51 @@
+"""Backend switch shared by every kernel of ``facekd.kernels``.
+
+``FACEKD_KERNEL_BACKEND`` chooses how a kernel runs:
+
+* ``auto`` (default): the Triton kernel for CUDA tensors, the plain-torch reference otherwise;
+* ``triton``: always the Triton kernel. With ``TRITON_INTERPRET=1`` it runs on CPU tensors, which
+  is how CI tests the kernels without a GPU;
+* ``torch``: always the plain-torch reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "FACEKD_KERNEL_BACKEND"
+
+
+def requested_backend() -> str:
+    """The backend named by ``FACEKD_KERNEL_BACKEND``, validated."""
+    backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels execute in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel called on ``tensors`` should take its Triton path.
+
+    ``auto`` picks Triton only when every tensor lives on a CUDA device. ``triton`` insists on it:
+    CPU tensors then need the interpreter, and asking for Triton on CPU without it is an error
+    rather than a silent fall-back to the reference.
+    """
+    backend = requested_backend()
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return on_cuda
+    if not on_cuda and not triton_interpreted():
+        raise RuntimeError(
+            f"{ENV_VAR}=triton with CPU tensors needs TRITON_INTERPRET=1 "
+            "(Triton compiles for CUDA devices only)"
+        )
+    return True
