@@ -1,0 +1,376 @@
+"""Grouped KD (GKD, AAAI 2023) against an independent float64 reference written from the paper.
+
+The reference below ranks every sample with a full Python sort, evaluates GKD Eq. 3 literally
+(argmin over all k of |Σ_{i≤k} p̃_(i) − τ|, smallest k on ties) and computes the KL terms from
+explicitly renormalised distributions (GKD Eq. 5–6, 10). It shares no code with the module.
+"""
+import math
+import os
+
+# The Triton path runs in the CPU interpreter; it must be switched on before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from facekd.kernels.grouped_kd import (  # noqa: E402
+    grouped_kd_loss,
+    grouped_kd_terms,
+    reference_primary_mask,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 reference
+# ---------------------------------------------------------------------------------------------
+
+
+def paper_ranking(student_row, label=None):
+    """Class indices by descending student logit, lower index first on ties; label forced first."""
+    values = student_row.tolist()
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    if label is not None:
+        order.remove(label)
+        order.insert(0, label)
+    return order
+
+
+def paper_k(probabilities, order, tau):
+    """GKD Eq. 3 evaluated literally over k = 1..C; τ = 1 means every class."""
+    if tau >= 1.0:
+        return len(order)
+    best_k, best_gap, cumulative = None, math.inf, 0.0
+    for position, cls in enumerate(order, start=1):
+        cumulative += probabilities[cls]
+        gap = abs(cumulative - tau)
+        if gap < best_gap:
+            best_k, best_gap = position, gap
+    return best_k
+
+
+def authors_batch_k(student, tau):
+    """The loop of the authors' gkd_adaptive.py, C when it finds nothing."""
+    summed = torch.softmax(student.double(), dim=1).sum(0)
+    ranked = summed.sort(descending=True).values
+    for idx in range(1, ranked.shape[0], 100):
+        if ranked[:idx].sum() >= tau * student.shape[0]:
+            return idx
+    return ranked.shape[0]
+
+
+def paper_groups(student, tau=0.93, temperature=1.0, selection="sample", k=None, labels=None):
+    """Index lists of the primary group of each sample."""
+    groups = []
+    batch_k = authors_batch_k(student, tau) if selection == "batch" else None
+    for b in range(student.shape[0]):
+        order = paper_ranking(student[b], None if labels is None else int(labels[b]))
+        if selection == "sample":
+            probabilities = torch.softmax(student[b].double() / temperature, 0).tolist()
+            size = paper_k(probabilities, order, tau)
+        elif selection == "batch":
+            size = batch_k
+        else:
+            size = min(k, len(order))
+        groups.append(sorted(order[:size]))
+    return groups
+
+
+def kl(teacher_logits, student_logits):
+    """KL(softmax(t) ‖ softmax(s)) over one group, from the renormalised distributions."""
+    if teacher_logits.numel() == 0:
+        return teacher_logits.new_zeros(())
+    q = torch.softmax(teacher_logits, 0)
+    return (q * (torch.log(q) - torch.log_softmax(student_logits, 0))).sum()
+
+
+def binary_kl(teacher_mass, student_mass):
+    total = teacher_mass.new_zeros(())
+    for q, p in zip(teacher_mass, student_mass):
+        if q > 0:
+            total = total + q * (torch.log(q) - torch.log(p))
+    return total
+
+
+def paper_terms(student, teacher, groups, temperature=1.0):
+    """Per-sample (primary, binary, secondary, teacher p_Φ) in float64, differentiable in student."""
+    rows = []
+    for b, group in enumerate(groups):
+        s = student[b].double() / temperature
+        t = teacher[b].detach().double() / temperature
+        phi = torch.tensor(group, dtype=torch.long)
+        psi = torch.tensor(sorted(set(range(s.shape[0])) - set(group)), dtype=torch.long)
+        teacher_mass = torch.stack([torch.softmax(t, 0)[phi].sum(), torch.softmax(t, 0)[psi].sum()])
+        student_mass = torch.stack([torch.softmax(s, 0)[phi].sum(), torch.softmax(s, 0)[psi].sum()])
+        rows.append((
+            kl(t[phi], s[phi]), binary_kl(teacher_mass, student_mass), kl(t[psi], s[psi]),
+            teacher_mass[0],
+        ))
+    return [torch.stack(column) for column in zip(*rows)]
+
+
+def paper_loss(student, teacher, groups, temperature=1.0, w_primary=8.0, w_binary=1.0,
+               w_secondary=0.0, reduction="mean"):
+    primary, binary, secondary, _ = paper_terms(student, teacher, groups, temperature)
+    rows = (w_primary * primary + w_binary * binary + w_secondary * secondary) * temperature**2
+    return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+
+
+def masks_of(groups, num_classes):
+    mask = torch.zeros(len(groups), num_classes, dtype=torch.bool)
+    for b, group in enumerate(groups):
+        mask[b, group] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and comparison helpers
+# ---------------------------------------------------------------------------------------------
+
+# atol, rtol of forward value and student gradient against the float64 reference
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def face_logits(batch, num_classes, seed, scale=64.0, spread=0.1, dtype=torch.float64):
+    """Logits shaped like a normalised head's s·cos θ: a teacher and a correlated student."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher_cos = (torch.randn(batch, num_classes, generator=generator, dtype=torch.float64) * spread)
+    labels = torch.randint(num_classes, (batch,), generator=generator)
+    teacher_cos[torch.arange(batch), labels] += 0.5
+    student_cos = teacher_cos + 0.05 * torch.randn(batch, num_classes, generator=generator,
+                                                   dtype=torch.float64)
+    student = (scale * student_cos.clamp(-1, 1)).to(dtype)
+    teacher = (scale * teacher_cos.clamp(-1, 1)).to(dtype)
+    return student, teacher, labels
+
+
+def check_against_paper(student, teacher, groups, *, grad_rows=None, reduction="mean", **options):
+    """Forward and student gradient of grouped_kd_loss vs the paper reference, same inputs."""
+    atol, rtol = TOLERANCES[student.dtype]
+    weights = {key: options.pop(key) for key in ("w_primary", "w_binary", "w_secondary") if key in options}
+    temperature = options.get("temperature", 1.0)
+    student = student.clone().requires_grad_(True)
+    loss = grouped_kd_loss(student, teacher, reduction=reduction, **weights, **options)
+    reference_student = student.detach().double().requires_grad_(True)
+    reference = paper_loss(reference_student, teacher.double(), groups, temperature=temperature,
+                           reduction=reduction, **weights)
+    assert loss.dtype == student.dtype
+    torch.testing.assert_close(loss.double(), reference, atol=atol, rtol=rtol)
+    upstream = torch.ones_like(reference) if grad_rows is None else grad_rows
+    (gradient,) = torch.autograd.grad(loss, student, upstream.to(loss.dtype))
+    (reference_gradient,) = torch.autograd.grad(reference, reference_student, upstream)
+    assert torch.isfinite(gradient).all()
+    torch.testing.assert_close(gradient.double(), reference_gradient, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = [(4, 37), (3, 129), (2, 401)]
+OPTION_SETS = [
+    {},  # the paper: τ = 0.93, T = 1, λ1 = 8, λ2 = 1
+    {"tau": 0.5, "temperature": 4.0, "w_secondary": 0.5},
+    {"tau": 0.99, "temperature": 2.0, "w_primary": 1.0, "w_binary": 3.0, "w_secondary": 2.0},
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_paper_reference(shape, options, dtype):
+    student, teacher, _ = face_logits(*shape, seed=shape[1], dtype=dtype)
+    groups = paper_groups(student, tau=options.get("tau", 0.93),
+                          temperature=options.get("temperature", 1.0))
+    check_against_paper(student, teacher, groups, **dict(options))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits(dtype):
+    student, teacher, _ = face_logits(4, 129, seed=7, dtype=dtype)
+    # the reference sees the same rounded logits, upcast exactly
+    groups = paper_groups(student.double(), temperature=2.0)
+    check_against_paper(student, teacher, groups, temperature=2.0)
+
+
+def test_primary_group_is_the_paper_rule():
+    student, _, labels = face_logits(6, 129, seed=3, spread=0.05)
+    for options in ({}, {"tau": 0.3, "temperature": 3.0}, {"tau": 0.999}):
+        mask = reference_primary_mask(student, **options)
+        expected = masks_of(paper_groups(student, **options), student.shape[1])
+        assert torch.equal(mask, expected), options
+
+
+def test_one_dominant_class_gives_k_1():
+    student, teacher, _ = face_logits(3, 37, seed=1)
+    student[:, 5] = 64.0  # p̃ of class 5 ≈ 1 > τ
+    terms = grouped_kd_terms(student, teacher)
+    assert terms.primary_mask.sum(1).tolist() == [1, 1, 1]
+    assert terms.primary_mask[:, 5].all()
+    # a one-class group carries no Primary-KD: p̂ = 1 for both networks
+    torch.testing.assert_close(terms.primary, torch.zeros(3, dtype=torch.float64))
+    check_against_paper(student, teacher, [[5]] * 3)
+
+
+def test_tau_one_is_classic_kd():
+    student, teacher, _ = face_logits(3, 37, seed=2)
+    terms = grouped_kd_terms(student, teacher, tau=1.0, temperature=2.0)
+    assert terms.primary_mask.all()
+    assert (terms.binary == 0).all() and (terms.secondary == 0).all()
+    classic = torch.nn.functional.kl_div(
+        torch.log_softmax(student / 2.0, 1), torch.log_softmax(teacher / 2.0, 1),
+        log_target=True, reduction="none",
+    ).sum(1)
+    torch.testing.assert_close(terms.primary, classic)
+    check_against_paper(student, teacher, [list(range(37))] * 3, tau=1.0, temperature=2.0)
+
+
+def test_flat_prediction_selects_every_class():
+    # five equal probabilities: cumulative 0.2, …, 1.0, and |1.0 − 0.93| is the smallest gap
+    student = torch.zeros(2, 5, dtype=torch.float64)
+    teacher = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    terms = grouped_kd_terms(student, teacher)
+    assert terms.primary_mask.all()
+    assert (terms.secondary == 0).all()
+    check_against_paper(student, teacher, [list(range(5))] * 2, w_secondary=1.0)
+
+
+@pytest.mark.parametrize("tau, expected", [(0.5, [0, 1]), (0.625, [0, 1]), (0.626, [0, 1, 2])])
+def test_tau_reached_exactly_and_ties(tau, expected):
+    # four equal probabilities 0.25 (exact in binary): τ = 0.5 is reached exactly at k = 2;
+    # τ = 0.625 lies halfway between k = 2 and k = 3 and the smaller k wins; the equal
+    # probabilities are taken lower class index first.
+    student = torch.zeros(3, 4, dtype=torch.float64)
+    teacher = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = reference_primary_mask(student, tau=tau)
+    assert torch.equal(mask, masks_of([expected] * 3, 4))
+    check_against_paper(student, teacher, [expected] * 3, tau=tau, w_secondary=0.25)
+
+
+def test_ties_across_the_group_boundary():
+    # [4, 2, 2, 2, 2, 0, …]: the cut falls inside the run of equal logits
+    student = torch.zeros(2, 11, dtype=torch.float64)
+    student[:, 0] = 4.0
+    student[0, [3, 5, 7, 9]] = 2.0
+    student[1, [1, 2, 8, 10]] = 2.0
+    teacher = torch.randn(2, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    groups = paper_groups(student, tau=0.75)
+    assert [len(g) for g in groups] == [3, 3]
+    assert groups == [[0, 3, 5], [0, 1, 2]]
+    assert torch.equal(reference_primary_mask(student, tau=0.75), masks_of(groups, 11))
+    check_against_paper(student, teacher, groups, tau=0.75, w_secondary=1.0)
+
+
+def test_single_class():
+    student = torch.randn(3, 1, dtype=torch.float64)
+    teacher = torch.randn(3, 1, dtype=torch.float64)
+    student.requires_grad_(True)
+    loss = grouped_kd_loss(student, teacher, w_secondary=1.0)
+    (gradient,) = torch.autograd.grad(loss, student)
+    assert loss.item() == 0.0
+    assert torch.equal(gradient, torch.zeros_like(gradient))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_incoming_gradient(reduction):
+    student, teacher, _ = face_logits(5, 129, seed=4)
+    groups = paper_groups(student, temperature=4.0)
+    grad_rows = None
+    if reduction == "none":
+        grad_rows = torch.linspace(-2.0, 3.0, 5, dtype=torch.float64)
+    check_against_paper(student, teacher, groups, temperature=4.0, reduction=reduction,
+                        grad_rows=grad_rows)
+
+
+@pytest.mark.parametrize("options", [{}, {"tau": 0.5, "temperature": 4.0},
+                                     {"selection": "fixed", "k": 7}])
+def test_eq9_identity_gives_classic_kd(options):
+    # GKD Eq. 9: p_Φ^T·Primary + Binary + p_Ψ^T·Secondary = KL(p^T ‖ p^S), forward and gradient
+    student, teacher, _ = face_logits(4, 129, seed=5)
+    temperature = options.get("temperature", 1.0)
+    teacher_primary = grouped_kd_terms(student, teacher, **options).teacher_primary_mass
+    student = student.clone().requires_grad_(True)
+    loss = grouped_kd_loss(student, teacher, w_primary=teacher_primary, w_binary=1.0,
+                           w_secondary=1.0 - teacher_primary, **options)
+    classic = torch.nn.functional.kl_div(
+        torch.log_softmax(student / temperature, 1), torch.log_softmax(teacher / temperature, 1),
+        log_target=True, reduction="batchmean",
+    ) * temperature**2
+    torch.testing.assert_close(loss, classic, atol=1e-12, rtol=1e-10)
+    gradient, classic_gradient = (torch.autograd.grad(x, student)[0] for x in (loss, classic))
+    torch.testing.assert_close(gradient, classic_gradient, atol=1e-12, rtol=1e-10)
+
+
+def test_batch_selection_follows_authors_code():
+    # a flat-ish prediction over 401 classes needs a few hundred classes to reach τ
+    student, teacher, _ = face_logits(3, 401, seed=6, scale=16.0)
+    batch_k = authors_batch_k(student, 0.93)
+    assert 1 < batch_k < 401
+    groups = paper_groups(student, selection="batch")
+    assert all(len(g) == batch_k for g in groups)
+    assert torch.equal(reference_primary_mask(student, selection="batch"), masks_of(groups, 401))
+    check_against_paper(student, teacher, groups, selection="batch", temperature=4.0)
+
+
+def test_batch_selection_falls_back_to_every_class():
+    student, teacher, _ = face_logits(2, 150, seed=6, scale=0.5)  # nearly uniform
+    assert authors_batch_k(student, 0.93) == 150
+    assert reference_primary_mask(student, selection="batch").all()
+
+
+@pytest.mark.parametrize("k", [5, 1000])
+def test_fixed_selection(k):
+    student, teacher, _ = face_logits(3, 37, seed=8)
+    groups = paper_groups(student, selection="fixed", k=k)
+    assert all(len(g) == min(k, 37) for g in groups)
+    check_against_paper(student, teacher, groups, selection="fixed", k=k, w_secondary=1.0)
+
+
+@pytest.mark.parametrize("selection, k", [("sample", None), ("fixed", 4), ("batch", None)])
+def test_force_target(selection, k):
+    student, teacher, labels = face_logits(4, 129, seed=9)
+    labels = torch.tensor([0, 17, 64, 128])  # mostly not the student's top class
+    groups = paper_groups(student, selection=selection, k=k, labels=labels)
+    assert all(int(y) in g for y, g in zip(labels, groups))
+    mask = reference_primary_mask(student, selection=selection, k=k, force_target=True, labels=labels)
+    assert torch.equal(mask, masks_of(groups, 129))
+    check_against_paper(student, teacher, groups, selection=selection, k=k, force_target=True,
+                        labels=labels)
+
+
+def test_teacher_gets_no_gradient():
+    student, teacher, _ = face_logits(2, 37, seed=10)
+    teacher.requires_grad_(True)
+    student.requires_grad_(True)
+    grouped_kd_loss(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tau": 0.0}, "tau must be in"),
+    ({"tau": 1.5}, "tau must be in"),
+    ({"temperature": 0.0}, "temperature must be"),
+    ({"selection": "topk"}, "selection must be one of"),
+    ({"selection": "fixed"}, "needs an integer k"),
+    ({"k": 3}, "only used with selection='fixed'"),
+    ({"force_target": True}, "needs labels"),
+    ({"force_target": True, "labels": torch.tensor([0, 37])}, r"labels must be in \[0, 37\)"),
+    ({"labels": torch.tensor([0, 1])}, "only used with force_target"),
+    ({"reduction": "avg"}, "reduction must be one of"),
+    ({"w_primary": torch.ones(3)}, "w_primary must be a float or a tensor"),
+])
+def test_bad_arguments(kwargs, message):
+    student, teacher, _ = face_logits(2, 37, seed=11)
+    with pytest.raises(ValueError, match=message):
+        grouped_kd_loss(student, teacher, **kwargs)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="must be \\[B, C\\]"):
+        grouped_kd_loss(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="teacher_logits must have the student's shape"):
+        grouped_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
