@@ -31,7 +31,9 @@ insightface lays a training set out in one of two ways:
   key range of that identity's images. Only the images are samples.
 - shuffled layout: no header; every key is an image, its identity the scalar label or ``label[0]``.
 
-A file is read in the header layout when key 0 exists and its IRHeader has ``flag > 0``.
+A file is read in the header layout when key 0 exists, its IRHeader has ``flag > 0`` (arcface_torch's rule) and
+it carries no image bytes (the header record never does; this keeps a shuffled file whose first image has a label
+array from being misread).
 """
 
 from __future__ import annotations
@@ -418,8 +420,10 @@ class RecordIOReader:
 
     def _detect_layout(self) -> tuple[str, list[int]]:
         if 0 in self._offsets:
-            header, label, _ = self.read(0)
-            if header.flag > 0:
+            header, label, image = self.read(0)
+            # insightface's header record is packed with an empty image; a shuffled rec's key 0 is a real image
+            # even when its label is an array
+            if header.flag > 0 and not image:
                 labels = np.asarray(label)
                 if labels.size < 2:
                     raise RecordIOError(
@@ -465,6 +469,28 @@ class RecordIOReader:
                 f"{self.rec_path}: image key {key} has label {value}, expected a non-negative integer identity"
             )
         return int(value)
+
+    def read_label(self, key: int) -> int:
+        """The integer identity of the image under ``key``, reading only the record's first bytes when possible."""
+        if key not in self._offsets:
+            raise KeyError(f"{self.rec_path}: no record with key {key}")
+        # part header + IRHeader + the first float32 of a label array
+        wanted = _PART_HEADER.size + _IR_HEADER.size + 4
+        self._rec.seek(self._offsets[key])
+        head = self._rec.read(wanted)
+        if len(head) == wanted:
+            magic, lrec = _PART_HEADER.unpack_from(head, 0)
+            cflag, length = _decode_lrec(lrec)
+            first_part_holds_label = cflag in (_CFLAG_WHOLE, _CFLAG_START) and length >= wanted - _PART_HEADER.size
+            if magic == RECORDIO_MAGIC and first_part_holds_label:
+                flag, scalar_label, _, _ = _IR_HEADER.unpack_from(head, _PART_HEADER.size)
+                if flag == 0:
+                    return self.sample_label(key, scalar_label)
+                first_label = struct.unpack_from("<f", head, _PART_HEADER.size + _IR_HEADER.size)[0]
+                return self.sample_label(key, first_label)
+        # short, early-split or malformed records take the full path, which also reports errors precisely
+        _, label, _ = self.read(key)
+        return self.sample_label(key, label)
 
     def iter_samples(self) -> Iterator[tuple[int, bytes]]:
         """Yields (identity label, image bytes) for every image, in ascending key order."""

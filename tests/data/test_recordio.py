@@ -64,18 +64,21 @@ def test_reads_shuffled_layout_with_split_record_and_label_array(tmp_path: Path,
         part(0, payload([5.0, 9.0, 1.5], b"\xff\xd8arr", id_=11, id2=12)),
         part(0, payload(2.0, b"x")),  # 25-byte payload: 3 bytes of padding
     ]
+    # id2 = magic << 32 puts the magic at payload offset 20: the record is split inside its IRHeader
+    records.append(part(1, payload(4.0, b"", id2=0xCED7230A << 32)[:20]) + part(3, b""))
     rec, idx = write_files(tmp_path, records)
     with RecordIOReader(rec, idx if use_idx else None) as reader:
         assert reader.layout == "shuffled"
-        assert reader.keys == [0, 1, 2, 3]
-        assert reader.num_images == 4
+        assert reader.keys == [0, 1, 2, 3, 4]
+        assert reader.num_images == 5
         assert reader.read_raw(1) == payload(7.0, SPLIT_IMAGE)
         header, label, image = reader.read(2)
         assert header.flag == 3 and header.id == 11 and header.id2 == 12
         np.testing.assert_array_equal(label, np.array([5.0, 9.0, 1.5], np.float32))
         assert image == b"\xff\xd8arr"
         samples = list(reader.iter_samples())
-    assert samples == [(3, b"\xff\xd8jpeg-zero"), (7, SPLIT_IMAGE), (5, b"\xff\xd8arr"), (2, b"x")]
+        assert [reader.read_label(key) for key in reader.keys] == [3, 7, 5, 2, 4]
+    assert samples == [(3, b"\xff\xd8jpeg-zero"), (7, SPLIT_IMAGE), (5, b"\xff\xd8arr"), (2, b"x"), (4, b"")]
 
 
 def test_reads_insightface_header_layout(tmp_path: Path) -> None:
