@@ -45,6 +45,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+import triton
+import triton.language as tl
+
+from facekd.kernels.backend import ENV_VAR, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -55,6 +59,8 @@ THETA_FLOOR = 1e-4
 NORM_EPS = 1e-12
 # The reference works on [B, chunk] logit blocks of at most this many elements.
 REFERENCE_CHUNK_ELEMENTS = 1 << 22
+# The ∂x and ∂w kernels keep a [rows, next_pow2(D)] fp32 accumulator on chip.
+TRITON_MAX_DIM = 2048
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -106,6 +112,485 @@ class _Margin:
     def fallback_shift(self) -> float:
         """ψ(c) = c − fallback_shift beyond θ*: meets cos(π) = −1 at θ*."""
         return max(self.cos_theta_limit, -1.0) + 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _acos(c):
+    """acos on [−1, 1] in fp32 (Abramowitz & Stegun 4.4.46, |error| ≤ 2e-8): tl has no acos."""
+    a = tl.abs(c)
+    poly = -0.0012624911
+    poly = poly * a + 0.0066700901
+    poly = poly * a - 0.0170881256
+    poly = poly * a + 0.0308918810
+    poly = poly * a - 0.0501743046
+    poly = poly * a + 0.0889789874
+    poly = poly * a - 0.2145988016
+    poly = poly * a + 1.5707963050
+    half = tl.sqrt(1.0 - a) * poly
+    return tl.where(c >= 0, half, 3.141592653589793 - half)
+
+
+@triton.jit
+def _inv_norm_kernel(
+    rows_ptr,  # [N_all, D] embeddings or class centres, row-major
+    index_ptr,  # [N] int64, row of rows_ptr for each output (class_index); read only if HAS_INDEX
+    inv_norm_ptr,  # [N] float32 out, 1 / max(‖row‖, eps)
+    n_rows,
+    dim,
+    eps,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Inverse L2 norms of BLOCK_N rows: normalisation scales dot products, never rewrites HBM.
+
+    Reads BLOCK_N·D elements, writes BLOCK_N floats.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    if HAS_INDEX:
+        rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0)
+    else:
+        rows = offs_n.to(tl.int64)
+    squares = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < dim)
+        values = tl.load(rows_ptr + rows[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        squares += tl.sum(values * values, axis=1)
+    tl.store(inv_norm_ptr + offs_n, 1.0 / tl.maximum(tl.sqrt(squares), eps), mask=mask_n)
+
+
+@triton.jit
+def _target_kernel(
+    x_ptr,  # [B, D] embeddings
+    w_ptr,  # [C, D] class centres
+    labels_ptr,  # [B] int64, target position in 0..K, −1 where this shard does not hold it
+    index_ptr,  # [K] int64 class_index; read only if HAS_INDEX
+    inv_x_ptr,  # [B] float32, 1/‖x_i‖
+    inv_w_ptr,  # [K] float32, 1/‖w‖ by position
+    target_logit_ptr,  # [B] float32 out, s·(ψ(cos_iy) − m3), 0 where not held
+    slope_ptr,  # [B] float32 out, dψ/dc at cos_iy (1 if straight-through), 0 where not held
+    batch,
+    dim,
+    s,
+    m1,
+    m2,
+    m3,
+    cos_limit,  # cos θ*: the fallback applies below it
+    fallback_shift,  # cos θ* + 1
+    theta_floor,
+    HAS_INDEX: tl.constexpr,
+    ANGULAR: tl.constexpr,  # False when m1 = 1 and m2 = 0: ψ(c) = c
+    STRAIGHT_THROUGH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Target logit and margin slope of BLOCK_B rows (ψ, fallback and θ floor: module docstring).
+
+    One program gathers its rows' target centres through labels (and class_index) and reduces the
+    row dot products over D on chip. Reads 2·BLOCK_B·D elements, writes 2·BLOCK_B floats.
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < batch
+    labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
+    held = mask_b & (labels >= 0)
+    position = tl.where(held, labels, 0)
+    if HAS_INDEX:
+        w_rows = tl.load(index_ptr + position, mask=held, other=0)
+    else:
+        w_rows = position
+    dots = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = held[:, None] & (offs_d[None, :] < dim)
+        x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
+        dots += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)
+    inv_x = tl.load(inv_x_ptr + offs_b, mask=held, other=0.0)
+    inv_w = tl.load(inv_w_ptr + position, mask=held, other=0.0)
+    cos = tl.minimum(tl.maximum(dots * inv_x * inv_w, -1.0), 1.0)
+    if ANGULAR:
+        theta = _acos(cos)
+        inside = cos >= cos_limit
+        psi = tl.where(inside, tl.cos(m1 * theta + m2), cos - fallback_shift)
+        theta_safe = tl.minimum(tl.maximum(theta, theta_floor), 3.141592653589793 - theta_floor)
+        slope = tl.where(inside, m1 * tl.sin(m1 * theta_safe + m2) / tl.sin(theta_safe), 1.0)
+    else:
+        psi = cos
+        slope = tl.full([BLOCK_B], 1.0, tl.float32)
+    if STRAIGHT_THROUGH:
+        slope = tl.full([BLOCK_B], 1.0, tl.float32)
+    tl.store(target_logit_ptr + offs_b, tl.where(held, s * (psi - m3), 0.0), mask=mask_b)
+    tl.store(slope_ptr + offs_b, tl.where(held, slope, 0.0), mask=mask_b)
+
+
+@triton.jit
+def _logit_tile(
+    x_ptr,  # [B, D] embeddings
+    w_ptr,  # [C, D] class centres
+    offs_b,  # [BLOCK_B] int32 rows of x
+    w_rows,  # [BLOCK_C] int64 rows of w
+    offs_c,  # [BLOCK_C] int32 class positions
+    mask_b,  # [BLOCK_B]
+    mask_c,  # [BLOCK_C]
+    dim,
+    scale_b,  # [BLOCK_B] float32, s/‖x_i‖
+    inv_w,  # [BLOCK_C] float32, 1/‖w_j‖
+    labels,  # [BLOCK_B] int64 target positions
+    target_logit,  # [BLOCK_B] float32
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(logits, s·cos) of one [BLOCK_B, BLOCK_C] tile, by tensor-core dots over D chunks.
+
+    In the logits the target column holds its margin logit and columns past K are −inf; s·cos is 0
+    there. Reads (BLOCK_B + BLOCK_C)·D elements; the tile stays on chip.
+    """
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    offs_x = offs_b.to(tl.int64)[:, None] * dim
+    offs_w = w_rows[:, None] * dim
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < dim
+        x = tl.load(x_ptr + offs_x + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    scaled_cos = acc * scale_b[:, None] * inv_w[None, :]
+    logits = tl.where(offs_c[None, :] == labels[:, None], target_logit[:, None], scaled_cos)
+    logits = tl.where(mask_c[None, :], logits, float("-inf"))
+    return logits, scaled_cos
+
+
+@triton.jit
+def _grad_cos_tile(
+    logits,  # [BLOCK_B, BLOCK_C] float32 recomputed logits, −inf past K
+    offs_c,  # [BLOCK_C] class positions
+    labels,  # [BLOCK_B] target positions
+    lse,  # [BLOCK_B] float32, log Σ_j exp(z_ij) over all classes (all shards)
+    grad_scale,  # [BLOCK_B] float32, s·∂L/∂loss_i
+    slope,  # [BLOCK_B] float32, dψ/dc at the target
+):
+    """∂L/∂cos_ij = s·g_i·(p_ij − [j = y_i])·(dψ/dc if j = y_i else 1), with p = exp(z − lse)."""
+    grad = tl.exp(logits - lse[:, None]) * grad_scale[:, None]
+    is_target = offs_c[None, :] == labels[:, None]
+    return tl.where(is_target, (grad - grad_scale[:, None]) * slope[:, None], grad)
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    x_ptr,  # [B, D] embeddings
+    w_ptr,  # [C, D] class centres
+    labels_ptr,  # [B] int64 target positions, −1 where not held
+    index_ptr,  # [K] int64 class_index; read only if HAS_INDEX
+    inv_x_ptr,  # [B] float32
+    inv_w_ptr,  # [K] float32
+    target_logit_ptr,  # [B] float32
+    row_max_ptr,  # [n_splits, B] float32 out
+    sum_exp_ptr,  # [n_splits, B] float32 out, Σ exp(z − row_max) over the split
+    batch,
+    n_classes,  # K
+    dim,
+    classes_per_split,  # a multiple of BLOCK_C
+    s,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Online log-sum-exp of z_ij over one split of the classes, for BLOCK_B rows.
+
+    Program (i, k) walks the class tiles of split k: a logit tile (cos by tl.dot, scaled by the
+    inverse norms, target column replaced by its margin logit), then the running max and Σexp of
+    each row. Only the two [BLOCK_B] statistics persist on chip; no logit reaches HBM. The launcher
+    combines the splits. Reads BLOCK_B·D per tile plus classes_per_split·D; writes 2·BLOCK_B floats.
+    """
+    pid_b = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < batch
+    labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
+    target_logit = tl.load(target_logit_ptr + offs_b, mask=mask_b, other=0.0)
+    scale_b = s * tl.load(inv_x_ptr + offs_b, mask=mask_b, other=0.0)
+    row_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_B], dtype=tl.float32)
+    c_start = pid_split * classes_per_split
+    c_end = tl.minimum(c_start + classes_per_split, n_classes)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < c_end
+        if HAS_INDEX:
+            w_rows = tl.load(index_ptr + offs_c, mask=mask_c, other=0)
+        else:
+            w_rows = offs_c.to(tl.int64)
+        inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
+        logits, _ = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, scale_b, inv_w,
+                                labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        row_max = new_max
+    tl.store(row_max_ptr + pid_split * batch + offs_b, row_max, mask=mask_b)
+    tl.store(sum_exp_ptr + pid_split * batch + offs_b, sum_exp, mask=mask_b)
+
+
+@triton.jit
+def _grad_embeddings_kernel(
+    x_ptr,  # [B, D] embeddings
+    w_ptr,  # [C, D] class centres
+    labels_ptr,  # [B] int64 target positions, −1 where not held
+    index_ptr,  # [K] int64 class_index; read only if HAS_INDEX
+    inv_x_ptr,  # [B] float32
+    inv_w_ptr,  # [K] float32
+    target_logit_ptr,  # [B] float32
+    slope_ptr,  # [B] float32
+    lse_ptr,  # [B] float32
+    grad_rows_ptr,  # [B] float32, ∂L/∂loss_i
+    grad_x_ptr,  # [B, D] float32 out, zeroed by the launcher, summed atomically over splits
+    batch,
+    n_classes,
+    dim,
+    classes_per_split,
+    s,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_PAD: tl.constexpr,  # next power of two ≥ D
+):
+    """∂L/∂x of BLOCK_B rows, from one split of the classes.
+
+    With G = ∂L/∂cos recomputed tile by tile as in the forward and a_i = Σ_j G_ij·cos_ij, the
+    normalisation backward is ∂L/∂x_i = (1/‖x_i‖)·Σ_j (G_ij/‖w_j‖)·w_j − a_i·x_i/‖x_i‖². The
+    [BLOCK_B, D_PAD] accumulator and a stay on chip across the split's tiles; each program adds
+    its share into grad_x once (BLOCK_B·D atomics per split, so the split order is not fixed).
+    Per tile: reads (BLOCK_B + 2·BLOCK_C)·D elements (the second read of the centres hits L2).
+    """
+    pid_b = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < batch
+    labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
+    target_logit = tl.load(target_logit_ptr + offs_b, mask=mask_b, other=0.0)
+    inv_x = tl.load(inv_x_ptr + offs_b, mask=mask_b, other=0.0)
+    slope = tl.load(slope_ptr + offs_b, mask=mask_b, other=0.0)
+    lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_scale = s * tl.load(grad_rows_ptr + offs_b, mask=mask_b, other=0.0)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < dim
+    acc = tl.zeros([BLOCK_B, D_PAD], dtype=tl.float32)
+    grad_dot_scaled_cos = tl.zeros([BLOCK_B], dtype=tl.float32)
+    c_start = pid_split * classes_per_split
+    c_end = tl.minimum(c_start + classes_per_split, n_classes)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < c_end
+        if HAS_INDEX:
+            w_rows = tl.load(index_ptr + offs_c, mask=mask_c, other=0)
+        else:
+            w_rows = offs_c.to(tl.int64)
+        inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
+        logits, scaled_cos = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x,
+                                         inv_w, labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
+        grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=1)
+        w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
+                    other=0.0)
+        acc = tl.dot((grad_cos * inv_w[None, :]).to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
+                mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    grad_x = inv_x[:, None] * acc - (grad_dot_scaled_cos * inv_x * inv_x / s)[:, None] * x
+    tl.atomic_add(grad_x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :], grad_x,
+                  mask=mask_b[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _grad_weight_kernel(
+    x_ptr,  # [B, D] embeddings
+    w_ptr,  # [C, D] class centres
+    labels_ptr,  # [B] int64 target positions, −1 where not held
+    index_ptr,  # [K] int64 class_index; read only if HAS_INDEX
+    inv_x_ptr,  # [B] float32
+    inv_w_ptr,  # [K] float32
+    target_logit_ptr,  # [B] float32
+    slope_ptr,  # [B] float32
+    lse_ptr,  # [B] float32
+    grad_rows_ptr,  # [B] float32, ∂L/∂loss_i
+    grad_w_ptr,  # [C, D] out in the weight's dtype; only the K used rows are written
+    batch,
+    n_classes,
+    dim,
+    s,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """∂L/∂w of BLOCK_C class centres, over every row of the batch.
+
+    With b_j = Σ_i G_ij·cos_ij: ∂L/∂w_j = (1/‖w_j‖)·Σ_i (G_ij/‖x_i‖)·x_i − b_j·w_j/‖w_j‖².
+    Class-tile-major so that one program owns its rows of grad_w: the [BLOCK_C, D_PAD] fp32
+    accumulator stays on chip over all row blocks and is written once, no atomics and no fp32
+    [C, D] buffer. Per row block: reads (2·BLOCK_B + BLOCK_C)·D elements; recomputes the tile.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < n_classes
+    if HAS_INDEX:
+        w_rows = tl.load(index_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        w_rows = offs_c.to(tl.int64)
+    inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < dim
+    acc = tl.zeros([BLOCK_C, D_PAD], dtype=tl.float32)
+    grad_dot_scaled_cos = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b0 in range(0, batch, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < batch
+        labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
+        target_logit = tl.load(target_logit_ptr + offs_b, mask=mask_b, other=0.0)
+        inv_x = tl.load(inv_x_ptr + offs_b, mask=mask_b, other=0.0)
+        slope = tl.load(slope_ptr + offs_b, mask=mask_b, other=0.0)
+        lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
+        grad_scale = s * tl.load(grad_rows_ptr + offs_b, mask=mask_b, other=0.0)
+        logits, scaled_cos = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x,
+                                         inv_w, labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
+        grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=0)
+        x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
+                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(tl.trans((grad_cos * inv_x[:, None]).to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
+    w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32)
+    grad_w = inv_w[:, None] * acc - (grad_dot_scaled_cos * inv_w * inv_w / s)[:, None] * w
+    tl.store(grad_w_ptr + w_rows[:, None] * dim + offs_d[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
+             mask=mask_c[:, None] & mask_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Block sizes and grids of one call (untuned guesses for Hopper; tiny ones for the interpreter)."""
+
+    block_b: int  # rows per program: forward and ∂x
+    block_c: int  # classes per tile: forward and ∂x
+    block_d: int  # D chunk of each tile's dot
+    grad_x_block_b: int  # rows per ∂x program: its [rows, D_PAD] accumulator lives in registers
+    grad_w_block_b: int  # rows per tile of the ∂w kernel
+    grad_w_block_c: int  # classes per ∂w program: its [classes, D_PAD] accumulator lives in registers
+    d_pad: int
+    programs: int  # aim for this many programs on the split-over-classes kernels
+    num_warps: int
+    dot_precision: str
+
+    @classmethod
+    def build(cls, embeddings: torch.Tensor) -> "_Launch":
+        dim = embeddings.shape[1]
+        d_pad = max(16, triton.next_power_of_2(dim))
+        if d_pad > TRITON_MAX_DIM:
+            raise ValueError(
+                f"the Triton margin CE holds a [rows, D] accumulator on chip and takes D ≤ {TRITON_MAX_DIM}, "
+                f"got D = {dim}; use FACEKD_KERNEL_BACKEND=torch"
+            )
+        # fp32 inputs: three TF32 passes keep fp32 accuracy on tensor cores
+        precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
+        if not embeddings.is_cuda:
+            return cls(16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision)
+        # 16K fp32 accumulator elements = 64 registers per thread at 8 warps
+        accumulator_rows = max(16, min(128, 16384 // d_pad))
+        sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
+        return cls(128, 128, 64, accumulator_rows, 128, accumulator_rows, d_pad,
+                   programs=4 * sms, num_warps=8, dot_precision=precision)
+
+    def class_splits(self, batch: int, n_classes: int, block_b: int) -> tuple[int, int]:
+        """(splits, classes per split): enough programs to fill the device when B is small."""
+        tiles = triton.cdiv(n_classes, self.block_c)
+        splits = max(1, min(tiles, triton.cdiv(self.programs, triton.cdiv(batch, block_b))))
+        tiles_per_split = triton.cdiv(tiles, splits)
+        return triton.cdiv(tiles, tiles_per_split), tiles_per_split * self.block_c
+
+
+def _combine_splits(row_max: torch.Tensor, sum_exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine [S, B] per-split (max, Σexp) into [B]: max of maxima, Σexp rescaled to it."""
+    total_max = row_max.amax(0)
+    return total_max, (sum_exp * torch.exp(row_max - total_max)).sum(0)
+
+
+def _triton_forward(embeddings, weight, labels, class_index, margin):
+    """(target_logit, slope, row_max, sum_exp, (inv_x, inv_w)) by the Triton kernels."""
+    launch = _Launch.build(embeddings)
+    batch, dim = embeddings.shape
+    has_index = class_index is not None
+    n_classes = class_index.shape[0] if has_index else weight.shape[0]
+    index = class_index if has_index else labels  # never read without HAS_INDEX
+    f32 = dict(dtype=torch.float32, device=embeddings.device)
+    inv_x, inv_w = torch.empty(batch, **f32), torch.empty(n_classes, **f32)
+    norm_blocks = dict(BLOCK_N=launch.block_b, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
+    _inv_norm_kernel[(triton.cdiv(batch, launch.block_b),)](
+        embeddings, index, inv_x, batch, dim, NORM_EPS, HAS_INDEX=False, **norm_blocks)
+    _inv_norm_kernel[(triton.cdiv(n_classes, launch.block_b),)](
+        weight, index, inv_w, n_classes, dim, NORM_EPS, HAS_INDEX=has_index, **norm_blocks)
+
+    target_logit, slope = torch.empty(batch, **f32), torch.empty(batch, **f32)
+    _target_kernel[(triton.cdiv(batch, launch.block_b),)](
+        embeddings, weight, labels, index, inv_x, inv_w, target_logit, slope, batch, dim,
+        margin.s, margin.m1, margin.m2, margin.m3, margin.cos_theta_limit, margin.fallback_shift, THETA_FLOOR,
+        HAS_INDEX=has_index, ANGULAR=margin.angular, STRAIGHT_THROUGH=margin.straight_through,
+        BLOCK_B=launch.block_b, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
+
+    splits, classes_per_split = launch.class_splits(batch, n_classes, launch.block_b)
+    split_max, split_sum = torch.empty(splits, batch, **f32), torch.empty(splits, batch, **f32)
+    _lse_fwd_kernel[(triton.cdiv(batch, launch.block_b), splits)](
+        embeddings, weight, labels, index, inv_x, inv_w, target_logit, split_max, split_sum,
+        batch, n_classes, dim, classes_per_split, margin.s,
+        HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision,
+        BLOCK_B=launch.block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
+    row_max, sum_exp = _combine_splits(split_max, split_sum)
+    return target_logit, slope, row_max, sum_exp, (inv_x, inv_w)
+
+
+def _triton_backward(embeddings, weight, labels, class_index, margin, lse, target_logit, slope, grad_rows,
+                     need_x, need_w, norms):
+    """(∂L/∂embeddings or None, ∂L/∂weight or None) by the Triton kernels."""
+    launch = _Launch.build(embeddings)
+    inv_x, inv_w = norms
+    batch, dim = embeddings.shape
+    has_index = class_index is not None
+    n_classes = class_index.shape[0] if has_index else weight.shape[0]
+    index = class_index if has_index else labels
+    grad_rows = grad_rows.to(torch.float32).contiguous()
+    per_row = (embeddings, weight, labels, index, inv_x, inv_w, target_logit, slope, lse, grad_rows)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=embeddings.device)
+        splits, classes_per_split = launch.class_splits(batch, n_classes, launch.grad_x_block_b)
+        _grad_embeddings_kernel[(triton.cdiv(batch, launch.grad_x_block_b), splits)](
+            *per_row, grad_x, batch, n_classes, dim, classes_per_split, margin.s,
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, BLOCK_B=launch.grad_x_block_b,
+            BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad, num_warps=launch.num_warps)
+        grad_x = grad_x.to(embeddings.dtype)
+    if need_w:
+        grad_w = torch.zeros_like(weight)
+        _grad_weight_kernel[(triton.cdiv(n_classes, launch.grad_w_block_c),)](
+            *per_row, grad_w, batch, n_classes, dim, margin.s,
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, BLOCK_B=launch.grad_w_block_b,
+            BLOCK_C=launch.grad_w_block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad,
+            num_warps=launch.num_warps)
+    return grad_x, grad_w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +646,7 @@ def _chunk_logits(
 
 
 def _reference_forward(embeddings, weight, labels, class_index, margin):
-    """(target_logit, slope, row_max, sum_exp) of the reference; never holds more than one chunk."""
+    """(target_logit, slope, row_max, sum_exp, None) like the kernels; holds one chunk at a time."""
     dtype = _compute_dtype(embeddings.dtype)
     x_norm = embeddings.to(dtype) * _inv_norm(embeddings.to(dtype))[:, None]
     n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
@@ -185,11 +670,11 @@ def _reference_forward(embeddings, weight, labels, class_index, margin):
         new_max = torch.maximum(row_max, logits.max(1).values)
         sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
         row_max = new_max
-    return target_logit, slope, row_max, sum_exp
+    return target_logit, slope, row_max, sum_exp, None
 
 
 def _reference_backward(embeddings, weight, labels, class_index, margin, lse, target_logit, slope, grad_rows,
-                        need_weight_grad):
+                        need_x, need_w, norms):
     """(grad_embeddings, grad_weight) of Σ_i grad_rows_i·loss_i, recomputing logits chunk by chunk."""
     dtype = _compute_dtype(embeddings.dtype)
     x = embeddings.to(dtype)
@@ -198,7 +683,7 @@ def _reference_backward(embeddings, weight, labels, class_index, margin, lse, ta
     grad_rows = grad_rows.to(dtype)
     n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
     grad_x_norm = torch.zeros_like(x_norm)
-    grad_weight = torch.zeros_like(weight) if need_weight_grad else None
+    grad_weight = torch.zeros_like(weight) if need_w else None
     chunk = _reference_chunk(embeddings.shape[0])
     for start in range(0, n_classes, chunk):
         end = min(start + chunk, n_classes)
@@ -213,41 +698,60 @@ def _reference_backward(embeddings, weight, labels, class_index, margin, lse, ta
         is_target = columns[None, :] == labels[:, None]
         grad_cos = torch.where(is_target, (grad_cos - margin.s * grad_rows[:, None]) * slope[:, None], grad_cos)
         grad_x_norm += grad_cos @ w_norm
-        if need_weight_grad:
+        if need_w:
             grad_w_norm = grad_cos.T @ x_norm
             grad_w = inv_w[:, None] * (grad_w_norm - w_norm * (w_norm * grad_w_norm).sum(1, keepdim=True))
             grad_weight[rows] = grad_w.to(weight.dtype)
     grad_x = inv_x[:, None] * (grad_x_norm - x_norm * (x_norm * grad_x_norm).sum(1, keepdim=True))
-    return grad_x.to(embeddings.dtype), grad_weight
+    return (grad_x.to(embeddings.dtype) if need_x else None), grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function over either path
+# ---------------------------------------------------------------------------------------------
 
 
 class _MarginSoftmaxCEFunction(torch.autograd.Function):
-    """Per-row loss lse_i − z_iy; the logits are recomputed chunk by chunk (or tile by tile) in backward.
+    """Per-row loss lse_i − z_iy; logits are recomputed tile by tile (chunk by chunk) in backward.
 
-    With ``combined`` given (sharded classes), lse and the target logit come from all shards and the
-    gradients are this shard's: exact for ``weight``, this shard's share of the sum for embeddings.
+    With ``combined`` statistics (sharded classes), lse and the target logit come from all shards,
+    and the gradients are this shard's: exact for ``weight``, this shard's share for embeddings.
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weight, labels, class_index, combined, margin):
-        target_logit, slope, row_max, sum_exp = _reference_forward(embeddings, weight, labels, class_index, margin)
+    def forward(ctx, embeddings, weight, labels, class_index, combined, margin, triton_path):
+        forward = _triton_forward if triton_path else _reference_forward
+        target_logit, slope, row_max, sum_exp, norms = forward(embeddings, weight, labels, class_index, margin)
         if combined is None:
             lse, total_target = row_max + torch.log(sum_exp), target_logit
         else:
-            lse = combined.row_max + torch.log(combined.sum_exp)
-            total_target = combined.target_logit
-        ctx.margin = margin
-        ctx.save_for_backward(embeddings, weight, labels, class_index, lse, target_logit, slope)
+            lse = combined.row_max.to(row_max.dtype) + torch.log(combined.sum_exp.to(row_max.dtype))
+            total_target = combined.target_logit.to(row_max.dtype)
+        ctx.margin, ctx.triton_path = margin, triton_path
+        ctx.save_for_backward(embeddings, weight, labels, class_index, lse, target_logit, slope,
+                              *(norms or (None, None)))
         return lse - total_target
 
     @staticmethod
     def backward(ctx, grad_rows):
-        embeddings, weight, labels, class_index, lse, target_logit, slope = ctx.saved_tensors
-        grad_x, grad_w = _reference_backward(
+        embeddings, weight, labels, class_index, lse, target_logit, slope, inv_x, inv_w = ctx.saved_tensors
+        backward = _triton_backward if ctx.triton_path else _reference_backward
+        grad_x, grad_w = backward(
             embeddings, weight, labels, class_index, ctx.margin, lse, target_logit, slope, grad_rows,
-            need_weight_grad=ctx.needs_input_grad[1],
+            need_x=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1], norms=(inv_x, inv_w),
         )
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def _triton_path(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> bool:
+    """The backend switch, with the Triton path's own limits named."""
+    if not use_triton(embeddings, weight, labels):
+        return False
+    if embeddings.dtype == torch.float64:
+        raise TypeError(
+            f"the Triton margin CE takes float16, bfloat16 or float32, got float64; use {ENV_VAR}=torch"
+        )
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +866,8 @@ def margin_softmax_ce(
     margin = _Margin.build(s, m1, m2, m3, margin_grad)
     _check_reduction(reduction)
     _check_inputs(embeddings, weight, labels, class_index, allow_unowned=False, check_values=check_values)
-    rows = _MarginSoftmaxCEFunction.apply(embeddings, weight, labels, class_index, None, margin)
+    rows = _MarginSoftmaxCEFunction.apply(
+        embeddings, weight, labels, class_index, None, margin, _triton_path(embeddings, weight, labels))
     return _reduce(rows, reduction)
 
 
@@ -402,8 +907,9 @@ def margin_ce_shard_stats(
     """
     margin = _Margin.build(s, m1, m2, m3, "exact")
     _check_inputs(embeddings, weight_shard, labels, class_index, allow_unowned=True, check_values=check_values)
+    forward = _triton_forward if _triton_path(embeddings, weight_shard, labels) else _reference_forward
     with torch.no_grad():
-        target_logit, _, row_max, sum_exp = _reference_forward(embeddings, weight_shard, labels, class_index, margin)
+        target_logit, _, row_max, sum_exp, _ = forward(embeddings, weight_shard, labels, class_index, margin)
     return ShardStats(row_max, sum_exp, target_logit)
 
 
@@ -411,10 +917,9 @@ def combine_shard_stats(shards: Sequence[ShardStats]) -> ShardStats:
     """The statistics of all classes from those of disjoint shards (what the all-reduces compute)."""
     if not shards:
         raise ValueError("combine_shard_stats needs at least one shard, got none")
-    row_max = torch.stack([shard.row_max for shard in shards]).amax(0)
-    sum_exp = sum(shard.sum_exp * torch.exp(shard.row_max - row_max) for shard in shards)
-    target_logit = sum(shard.target_logit for shard in shards)
-    return ShardStats(row_max, sum_exp, target_logit)
+    row_max, sum_exp = _combine_splits(torch.stack([shard.row_max for shard in shards]),
+                                       torch.stack([shard.sum_exp for shard in shards]))
+    return ShardStats(row_max, sum_exp, sum(shard.target_logit for shard in shards))
 
 
 def margin_ce_shard_loss(
@@ -447,5 +952,6 @@ def margin_ce_shard_loss(
         if not isinstance(stat, torch.Tensor) or stat.shape != (batch,):
             raise ValueError(f"combined.{name} must be a tensor of shape ({batch},), got {getattr(stat, 'shape', stat)}")
     combined = ShardStats(*(stat.detach() for stat in combined))
-    rows = _MarginSoftmaxCEFunction.apply(embeddings, weight_shard, labels, class_index, combined, margin)
+    rows = _MarginSoftmaxCEFunction.apply(
+        embeddings, weight_shard, labels, class_index, combined, margin, _triton_path(embeddings, weight_shard, labels))
     return _reduce(rows, reduction)
