@@ -136,6 +136,14 @@ def _acos(c):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b on tensor cores; DOT_UPCAST multiplies in fp32 instead (interpreter workaround)."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _inv_norm_kernel(
     rows_ptr,  # [N_all, D] embeddings or class centres, row-major
     index_ptr,  # [N] int64, row of rows_ptr for each output (class_index); read only if HAS_INDEX
@@ -245,6 +253,7 @@ def _logit_tile(
     labels,  # [BLOCK_B] int64 target positions
     target_logit,  # [BLOCK_B] float32
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -262,7 +271,7 @@ def _logit_tile(
         mask_d = offs_d < dim
         x = tl.load(x_ptr + offs_x + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(w_ptr + offs_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = _mma(x, tl.trans(w), acc, DOT_PRECISION, DOT_UPCAST)
     scaled_cos = acc * scale_b[:, None] * inv_w[None, :]
     logits = tl.where(offs_c[None, :] == labels[:, None], target_logit[:, None], scaled_cos)
     logits = tl.where(mask_c[None, :], logits, float("-inf"))
@@ -302,6 +311,7 @@ def _lse_fwd_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -333,7 +343,7 @@ def _lse_fwd_kernel(
             w_rows = offs_c.to(tl.int64)
         inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
         logits, _ = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, scale_b, inv_w,
-                                labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+                                labels, target_logit, DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         row_max = new_max
@@ -361,6 +371,7 @@ def _grad_embeddings_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -398,13 +409,14 @@ def _grad_embeddings_kernel(
         else:
             w_rows = offs_c.to(tl.int64)
         inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
-        logits, scaled_cos = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x,
-                                         inv_w, labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        logits, scaled_cos = _logit_tile(
+            x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x, inv_w, labels, target_logit,
+            DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
         grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
         grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=1)
         w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
                     other=0.0)
-        acc = tl.dot((grad_cos * inv_w[None, :]).to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        acc = _mma((grad_cos * inv_w[None, :]).to(w.dtype), w, acc, DOT_PRECISION, DOT_UPCAST)
     x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
                 mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     grad_x = inv_x[:, None] * acc - (grad_dot_scaled_cos * inv_x * inv_x / s)[:, None] * x
@@ -431,6 +443,7 @@ def _grad_weight_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -463,13 +476,14 @@ def _grad_weight_kernel(
         slope = tl.load(slope_ptr + offs_b, mask=mask_b, other=0.0)
         lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
         grad_scale = s * tl.load(grad_rows_ptr + offs_b, mask=mask_b, other=0.0)
-        logits, scaled_cos = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x,
-                                         inv_w, labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        logits, scaled_cos = _logit_tile(
+            x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x, inv_w, labels, target_logit,
+            DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
         grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
         grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=0)
         x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
                     mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(tl.trans((grad_cos * inv_x[:, None]).to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
+        acc = _mma(tl.trans((grad_cos * inv_x[:, None]).to(x.dtype)), x, acc, DOT_PRECISION, DOT_UPCAST)
     w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
                 other=0.0).to(tl.float32)
     grad_w = inv_w[:, None] * acc - (grad_dot_scaled_cos * inv_w * inv_w / s)[:, None] * w
@@ -496,6 +510,9 @@ class _Launch:
     programs: int  # aim for this many programs on the split-over-classes kernels
     num_warps: int
     dot_precision: str
+    # The Triton 3.9 interpreter multiplies bfloat16 tiles as their raw uint16 bits (its create_dot
+    # widens only fp8 operands), so interpreted bf16 dots run in fp32 on the same rounded values.
+    dot_upcast: bool
 
     @classmethod
     def build(cls, embeddings: torch.Tensor) -> "_Launch":
@@ -509,12 +526,13 @@ class _Launch:
         # fp32 inputs: three TF32 passes keep fp32 accuracy on tensor cores
         precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
         if not embeddings.is_cuda:
-            return cls(16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision)
+            return cls(16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision,
+                       dot_upcast=embeddings.dtype == torch.bfloat16)
         # 16K fp32 accumulator elements = 64 registers per thread at 8 warps
         accumulator_rows = max(16, min(128, 16384 // d_pad))
         sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
         return cls(128, 128, 64, accumulator_rows, 128, accumulator_rows, d_pad,
-                   programs=4 * sms, num_warps=8, dot_precision=precision)
+                   programs=4 * sms, num_warps=8, dot_precision=precision, dot_upcast=False)
 
     def class_splits(self, batch: int, n_classes: int, block_b: int) -> tuple[int, int]:
         """(splits, classes per split): enough programs to fill the device when B is small."""
@@ -557,7 +575,7 @@ def _triton_forward(embeddings, weight, labels, class_index, margin):
     _lse_fwd_kernel[(triton.cdiv(batch, launch.block_b), splits)](
         embeddings, weight, labels, index, inv_x, inv_w, target_logit, split_max, split_sum,
         batch, n_classes, dim, classes_per_split, margin.s,
-        HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision,
+        HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
         BLOCK_B=launch.block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
     row_max, sum_exp = _combine_splits(split_max, split_sum)
     return target_logit, slope, row_max, sum_exp, (inv_x, inv_w)
@@ -580,16 +598,17 @@ def _triton_backward(embeddings, weight, labels, class_index, margin, lse, targe
         splits, classes_per_split = launch.class_splits(batch, n_classes, launch.grad_x_block_b)
         _grad_embeddings_kernel[(triton.cdiv(batch, launch.grad_x_block_b), splits)](
             *per_row, grad_x, batch, n_classes, dim, classes_per_split, margin.s,
-            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, BLOCK_B=launch.grad_x_block_b,
-            BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad, num_warps=launch.num_warps)
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
+            BLOCK_B=launch.grad_x_block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad,
+            num_warps=launch.num_warps)
         grad_x = grad_x.to(embeddings.dtype)
     if need_w:
         grad_w = torch.zeros_like(weight)
         _grad_weight_kernel[(triton.cdiv(n_classes, launch.grad_w_block_c),)](
             *per_row, grad_w, batch, n_classes, dim, margin.s,
-            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, BLOCK_B=launch.grad_w_block_b,
-            BLOCK_C=launch.grad_w_block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad,
-            num_warps=launch.num_warps)
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
+            BLOCK_B=launch.grad_w_block_b, BLOCK_C=launch.grad_w_block_c, BLOCK_D=launch.block_d,
+            D_PAD=launch.d_pad, num_warps=launch.num_warps)
     return grad_x, grad_w
 
 
@@ -815,7 +834,8 @@ def _check_inputs(embeddings, weight, labels, class_index, *, allow_unowned: boo
             )
         repeats = (sorted_index[1:] == sorted_index[:-1]).nonzero()
         if repeats.numel():
-            raise ValueError(f"class_index must not repeat a class, got {sorted_index[repeats[0, 0]].item()} twice")
+            repeated = sorted_index[repeats[0, 0]].item()
+            raise ValueError(f"class_index must not repeat a class, got class {repeated} more than once")
     label_min, label_max = labels.min().item(), labels.max().item()
     if label_min < low or label_max >= n_classes:
         raise ValueError(
@@ -878,7 +898,8 @@ def cosine_logits(
     _check_tensor("embeddings", embeddings, 2)
     _check_tensor("weight", weight, 2)
     if weight.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"weight must be [C, {embeddings.shape[1]}] to match embeddings, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be [C, {embeddings.shape[1]}] to match embeddings, got {tuple(weight.shape)}")
     if class_index is not None:
         weight = weight[class_index]
     x_norm = torch.nn.functional.normalize(embeddings, dim=1, eps=NORM_EPS)
@@ -950,8 +971,10 @@ def margin_ce_shard_loss(
     batch = embeddings.shape[0]
     for name, stat in zip(ShardStats._fields, combined):
         if not isinstance(stat, torch.Tensor) or stat.shape != (batch,):
-            raise ValueError(f"combined.{name} must be a tensor of shape ({batch},), got {getattr(stat, 'shape', stat)}")
+            got = tuple(stat.shape) if isinstance(stat, torch.Tensor) else type(stat).__name__
+            raise ValueError(f"combined.{name} must be a tensor of shape ({batch},), got {got}")
     combined = ShardStats(*(stat.detach() for stat in combined))
     rows = _MarginSoftmaxCEFunction.apply(
-        embeddings, weight_shard, labels, class_index, combined, margin, _triton_path(embeddings, weight_shard, labels))
+        embeddings, weight_shard, labels, class_index, combined, margin,
+        _triton_path(embeddings, weight_shard, labels))
     return _reduce(rows, reduction)
