@@ -43,9 +43,14 @@ Options that follow the authors' released code (github.com/WisonZ/GKD) rather th
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import torch
+import triton
+import triton.language as tl
+
+from facekd.kernels.backend import ENV_VAR, triton_interpreted, use_triton
 
 SELECTIONS = ("sample", "batch", "fixed")
 REDUCTIONS = ("mean", "sum", "none")
@@ -142,6 +147,876 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return rows.sum()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+#
+# Selection of Φ without a sort. Each class gets a composite key, an int64 that orders the classes
+# exactly as the ranking does:
+#
+#     key = ukey(z)·C + (C − 1 − class)
+#
+# where ukey maps the bits of the fp32 logit to an unsigned integer with the float order (−0.0 is
+# made +0.0 first) and the class term ranks the lower index first among equal logits. The keys are
+# distinct, so "the ranking" is simply "descending key". A forced target gets ukey = 2^32 − 1,
+# above every finite or infinite logit. With G(t) = Σ_{key ≥ t} p̃ and N(t) = #{key ≥ t}, both
+# sums over classes, per-(row, class-tile) partial sums add up across tiles and class shards.
+#
+# The search keeps an interval [lo, hi) of keys with G(lo) ≥ τ > G(hi) (N(lo) ≥ k > N(hi) for a
+# fixed k) and evaluates G and N at NUM_PIVOTS pivots per pass, which cut it into NUM_PIVOTS + 1
+# parts. Once one class is left in the interval (N(lo) − N(hi) = 1) it is the first class m of the
+# ranking at which the cumulative mass reaches τ: cum_m = G(lo), cum_{m−1} = G(hi), and GKD Eq. 3
+# picks k = m − 1 or m from these two numbers alone. ⌈log_{P+1}(2^32·C)⌉ passes always suffice;
+# rows already settled skip their tiles.
+
+NUM_PIVOTS = 16  # pivots per search pass: each pass divides the key interval by 17
+_LOWEST = -1.0e30  # running maximum of an empty set; exp(_LOWEST − m) is 0 for any real m
+
+
+@triton.jit
+def _composite_key(
+    values,  # [BLOCK_B, BLOCK_C] fp32, the ranked quantity (student logit)
+    classes,  # [BLOCK_C] int32, global class index
+    labels,  # [BLOCK_B] int32, class forced to the head of the ranking (FORCE_TARGET only)
+    num_classes_total,  # C over all shards
+    FORCE_TARGET: tl.constexpr,
+):
+    """int64 keys [BLOCK_B, BLOCK_C] in ranking order: larger key = ranked higher."""
+    values = tl.where(values == 0.0, 0.0, values)  # −0.0 and +0.0 are the same logit
+    bits = values.to(tl.int32, bitcast=True)
+    # negative floats: flip every bit; positive floats: flip the sign bit
+    unsigned_key = (bits ^ tl.where(bits < 0, -1, -2147483648)).to(tl.int64) & 0xFFFFFFFF
+    if FORCE_TARGET:
+        unsigned_key = tl.where(classes[None, :] == labels[:, None], 0xFFFFFFFF, unsigned_key)
+    return unsigned_key * num_classes_total + (num_classes_total - 1 - classes[None, :])
+
+
+@triton.jit
+def _online_logsumexp(
+    running_max,  # [BLOCK_B] fp32
+    running_sum,  # [BLOCK_B] fp32, Σ exp(x − running_max) so far
+    values,  # [BLOCK_B, BLOCK_C] fp32
+    include,  # [BLOCK_B, BLOCK_C] bool, which values belong to the set
+):
+    """One tile of an online log-sum-exp; returns the new max and sum, the factor that rescaled
+    the old sum, and the tile's weights exp(x − new max) (0 outside the set)."""
+    new_max = tl.maximum(running_max, tl.max(tl.where(include, values, _LOWEST), axis=1))
+    rescale = tl.exp(running_max - new_max)
+    weights = tl.exp(tl.where(include, values - new_max[:, None], _LOWEST))
+    return new_max, running_sum * rescale + tl.sum(weights, axis=1), rescale, weights
+
+
+@triton.jit
+def _row_stats_kernel(
+    student_ptr,  # [B, C] student logits of this shard
+    teacher_ptr,  # [B, C] teacher logits of this shard (read only if HAS_TEACHER)
+    stats_ptr,  # [chunks, B, 4] out: max and Σexp(· − max) of z_S/T, then of z_T/T
+    batch_size,
+    num_classes,
+    stride_student,
+    stride_teacher,
+    inv_temperature,
+    tiles_per_chunk,
+    HAS_TEACHER: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-row log-partition of student and teacher over one chunk of classes.
+
+    Program (i, j) reads rows [i·BLOCK_B, (i+1)·BLOCK_B) over class chunk j (tiles_per_chunk
+    tiles of BLOCK_C) once and keeps only running (max, sum) per row on chip; the host combines
+    chunks and shards. Reads BLOCK_B × chunk logits per network; writes 4 floats per row.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch_size
+    rows64 = rows.to(tl.int64)
+    chunk = tl.program_id(1)
+    first_tile = chunk * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(num_classes, BLOCK_C))
+    student_max = tl.full([BLOCK_B], _LOWEST, tl.float32)
+    student_sum = tl.zeros([BLOCK_B], tl.float32)
+    teacher_max = tl.full([BLOCK_B], _LOWEST, tl.float32)
+    teacher_sum = tl.zeros([BLOCK_B], tl.float32)
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < num_classes)[None, :]
+        student = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :], mask=ok,
+                          other=0.0).to(tl.float32) * inv_temperature
+        student_max, student_sum, _, _ = _online_logsumexp(student_max, student_sum, student, ok)
+        if HAS_TEACHER:
+            teacher = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
+                              mask=ok, other=0.0).to(tl.float32) * inv_temperature
+            teacher_max, teacher_sum, _, _ = _online_logsumexp(teacher_max, teacher_sum, teacher, ok)
+    out = stats_ptr + (chunk * batch_size + rows64) * 4
+    tl.store(out, student_max, mask=row_ok)
+    tl.store(out + 1, student_sum, mask=row_ok)
+    tl.store(out + 2, teacher_max, mask=row_ok)
+    tl.store(out + 3, teacher_sum, mask=row_ok)
+
+
+@triton.jit
+def _class_mass_kernel(
+    student_ptr,  # [B, C] student logits of this shard
+    log_partition_ptr,  # [B] fp32, log Σ_c exp(z_c) at T = 1 over all shards
+    mass_ptr,  # [C] fp32 out: Σ_b softmax(z_b)_c
+    batch_size,
+    num_classes,
+    stride_student,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Batch-summed student probabilities at T = 1 for one tile of classes (the authors'
+    batch-wide k). Loops over all rows; keeps BLOCK_C sums on chip; writes C floats in total."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < num_classes
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for first_row in range(0, batch_size, BLOCK_B):
+        rows = first_row + tl.arange(0, BLOCK_B)
+        row_ok = rows < batch_size
+        ok = row_ok[:, None] & col_ok[None, :]
+        student = tl.load(
+            student_ptr + rows.to(tl.int64)[:, None] * stride_student + cols[None, :], mask=ok,
+            other=0.0,
+        ).to(tl.float32)
+        log_partition = tl.load(log_partition_ptr + rows, mask=row_ok, other=0.0)
+        total += tl.sum(tl.where(ok, tl.exp(student - log_partition[:, None]), 0.0), axis=0)
+    tl.store(mass_ptr + cols, total, mask=col_ok)
+
+
+@triton.jit
+def _pivot_kernel(
+    values_ptr,  # [R, C] ranked values of this shard: student logits, or class masses
+    log_partition_ptr,  # [R] fp32, log Σ exp(z/T) over all shards (unused if VALUES_ARE_MASS)
+    labels_ptr,  # [R] int32, global class forced first (read only if FORCE_TARGET)
+    pivots_ptr,  # [R, NUM_PIVOTS] int64 composite keys
+    active_ptr,  # [R] int8, rows whose search is not settled yet
+    count_ptr,  # [chunks, R, NUM_PIVOTS] int32 out: N(pivot) = #{key ≥ pivot} in the chunk
+    mass_ptr,  # [chunks, R, NUM_PIVOTS] fp32 out: G(pivot) = Σ_{key ≥ pivot} p̃ in the chunk
+    num_rows,
+    num_classes,
+    stride_values,
+    class_offset,  # global index of this shard's first class
+    num_classes_total,
+    inv_temperature,
+    mass_scale,  # p̃ = value · mass_scale when VALUES_ARE_MASS
+    tiles_per_chunk,
+    VALUES_ARE_MASS: tl.constexpr,
+    FORCE_TARGET: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Count and probability mass of the classes ranked at or above each pivot (one search pass).
+
+    Program (i, j) reads its rows' pivots once, then the logits of class chunk j tile by tile; a
+    [BLOCK_B, BLOCK_C, NUM_PIVOTS] comparison is reduced over classes at once, so only the
+    [BLOCK_B, NUM_PIVOTS] counts and masses stay on chip. A row block whose rows are all settled
+    reads nothing. Reads BLOCK_B × chunk values; writes 2·NUM_PIVOTS numbers per row.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    chunk = tl.program_id(1)
+    pivot_ids = tl.arange(0, NUM_PIVOTS)
+    pivots = tl.load(pivots_ptr + rows64[:, None] * NUM_PIVOTS + pivot_ids[None, :],
+                     mask=row_ok[:, None], other=0)
+    active = tl.load(active_ptr + rows, mask=row_ok, other=0)
+    log_partition = tl.load(log_partition_ptr + rows, mask=row_ok, other=0.0)
+    if FORCE_TARGET:
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    else:
+        labels = tl.full([BLOCK_B], -1, tl.int32)
+    count = tl.zeros([BLOCK_B, NUM_PIVOTS], tl.int32)
+    mass = tl.zeros([BLOCK_B, NUM_PIVOTS], tl.float32)
+    first_tile = chunk * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(num_classes, BLOCK_C))
+    last_tile = tl.where(tl.max(active, axis=0) > 0, last_tile, first_tile)
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < num_classes)[None, :]
+        values = tl.load(values_ptr + rows64[:, None] * stride_values + cols[None, :], mask=ok,
+                         other=0.0).to(tl.float32)
+        key = _composite_key(values, cols + class_offset, labels, num_classes_total, FORCE_TARGET)
+        if VALUES_ARE_MASS:
+            probability = values * mass_scale
+        else:
+            probability = tl.exp(values * inv_temperature - log_partition[:, None])
+        above = (key[:, :, None] >= pivots[:, None, :]) & ok[:, :, None]
+        count += tl.sum(above.to(tl.int32), axis=1)
+        mass += tl.sum(tl.where(above, probability[:, :, None], 0.0), axis=1)
+    out = (chunk * num_rows + rows64)[:, None] * NUM_PIVOTS + pivot_ids[None, :]
+    tl.store(count_ptr + out, count, mask=row_ok[:, None])
+    tl.store(mass_ptr + out, mass, mask=row_ok[:, None])
+
+
+@triton.jit
+def _group_update(
+    student_max, student_sum, teacher_max, teacher_sum, cross, size,  # [BLOCK_B] running stats
+    student,  # [BLOCK_B, BLOCK_C] fp32 z_S/T
+    teacher,  # [BLOCK_B, BLOCK_C] fp32 z_T/T
+    centred_gap,  # [BLOCK_B, BLOCK_C] fp32 (z_T/T − M_T) − (z_S/T − M_S)
+    include,  # [BLOCK_B, BLOCK_C] bool, the group
+):
+    """One tile of a group's statistics: both log-partitions, the teacher-weighted logit gap
+    Σ exp(z_T/T − teacher_max)·gap, and the group size."""
+    student_max, student_sum, _, _ = _online_logsumexp(student_max, student_sum, student, include)
+    teacher_max, teacher_sum, rescale, weights = _online_logsumexp(
+        teacher_max, teacher_sum, teacher, include
+    )
+    cross = cross * rescale + tl.sum(weights * centred_gap, axis=1)
+    size += tl.sum(include.to(tl.int32), axis=1)
+    return student_max, student_sum, teacher_max, teacher_sum, cross, size
+
+
+@triton.jit
+def _group_stats_kernel(
+    student_ptr,  # [B, C] student logits of this shard
+    teacher_ptr,  # [B, C] teacher logits of this shard
+    row_max_ptr,  # [B, 2] fp32, M_S and M_T: row maxima of z_S/T and z_T/T over all shards
+    threshold_ptr,  # [B] int64, Φ = classes with key ≥ threshold
+    labels_ptr,  # [B] int32, forced class (read only if FORCE_TARGET)
+    stats_ptr,  # [chunks, B, 2, 5] fp32 out, per group (Φ, Ψ): see _group_update
+    size_ptr,  # [chunks, B, 2] int32 out: |Φ|, |Ψ|
+    batch_size,
+    num_classes,
+    stride_student,
+    stride_teacher,
+    class_offset,
+    num_classes_total,
+    inv_temperature,
+    tiles_per_chunk,
+    FORCE_TARGET: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Everything the loss needs from the classes, per group, in one read of both networks.
+
+    Per row and group g ∈ {Φ, Ψ}: log Σ_g e^{z_S/T}, log Σ_g e^{z_T/T} (online, so neither
+    overflows nor loses a group whose mass underflows at the row maximum), and
+    Σ_g e^{z_T/T}·gap, from which KL(p̂^T ‖ p̂^S) = E_{p̂^T}[gap] − (LSE_T,g − M_T) + (LSE_S,g − M_S)
+    (GKD Eq. 5, 10). Centring the gap by the row maxima keeps fp32 cancellation small. Twelve
+    numbers per row stay on chip; reads each logit of both networks once.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch_size
+    rows64 = rows.to(tl.int64)
+    chunk = tl.program_id(1)
+    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
+    if FORCE_TARGET:
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    else:
+        labels = tl.full([BLOCK_B], -1, tl.int32)
+    student_row_max = tl.load(row_max_ptr + rows64 * 2, mask=row_ok, other=0.0)
+    teacher_row_max = tl.load(row_max_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
+    lowest = tl.full([BLOCK_B], _LOWEST, tl.float32)
+    zero = tl.zeros([BLOCK_B], tl.float32)
+    none = tl.zeros([BLOCK_B], tl.int32)
+    p_student_max, p_student_sum, p_teacher_max, p_teacher_sum, p_cross, p_size = (
+        lowest, zero, lowest, zero, zero, none)
+    s_student_max, s_student_sum, s_teacher_max, s_teacher_sum, s_cross, s_size = (
+        lowest, zero, lowest, zero, zero, none)
+    first_tile = chunk * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(num_classes, BLOCK_C))
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < num_classes)[None, :]
+        student_logit = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :],
+                                mask=ok, other=0.0).to(tl.float32)
+        teacher_logit = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
+                                mask=ok, other=0.0).to(tl.float32)
+        key = _composite_key(student_logit, cols + class_offset, labels, num_classes_total,
+                             FORCE_TARGET)
+        primary = key >= threshold[:, None]
+        student = student_logit * inv_temperature
+        teacher = teacher_logit * inv_temperature
+        gap = (teacher - teacher_row_max[:, None]) - (student - student_row_max[:, None])
+        p_student_max, p_student_sum, p_teacher_max, p_teacher_sum, p_cross, p_size = _group_update(
+            p_student_max, p_student_sum, p_teacher_max, p_teacher_sum, p_cross, p_size,
+            student, teacher, gap, ok & primary)
+        s_student_max, s_student_sum, s_teacher_max, s_teacher_sum, s_cross, s_size = _group_update(
+            s_student_max, s_student_sum, s_teacher_max, s_teacher_sum, s_cross, s_size,
+            student, teacher, gap, ok & ~primary)
+    out = stats_ptr + (chunk * batch_size + rows64) * 10
+    tl.store(out + 0, p_student_max, mask=row_ok)
+    tl.store(out + 1, p_student_sum, mask=row_ok)
+    tl.store(out + 2, p_teacher_max, mask=row_ok)
+    tl.store(out + 3, p_teacher_sum, mask=row_ok)
+    tl.store(out + 4, p_cross, mask=row_ok)
+    tl.store(out + 5, s_student_max, mask=row_ok)
+    tl.store(out + 6, s_student_sum, mask=row_ok)
+    tl.store(out + 7, s_teacher_max, mask=row_ok)
+    tl.store(out + 8, s_teacher_sum, mask=row_ok)
+    tl.store(out + 9, s_cross, mask=row_ok)
+    sizes = size_ptr + (chunk * batch_size + rows64) * 2
+    tl.store(sizes, p_size, mask=row_ok)
+    tl.store(sizes + 1, s_size, mask=row_ok)
+
+
+@triton.jit
+def _grouped_kd_backward_kernel(
+    student_ptr,  # [B, C] student logits of this shard
+    teacher_ptr,  # [B, C] teacher logits of this shard
+    grad_ptr,  # [B, C] out: ∂loss/∂z_S, the student's dtype
+    coefficients_ptr,  # [B, 2, 4] fp32, per group (Φ, Ψ): a, b, LSE_S,g, LSE_T,g
+    threshold_ptr,  # [B] int64, Φ = classes with key ≥ threshold
+    labels_ptr,  # [B] int32, forced class (read only if FORCE_TARGET)
+    batch_size,
+    num_classes,
+    stride_student,
+    stride_teacher,
+    stride_grad,
+    class_offset,
+    num_classes_total,
+    inv_temperature,
+    FORCE_TARGET: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Closed-form gradient of the grouped KD loss to the student logits, one tile per program.
+
+    For class j of group g (p̂ = renormalised in g, p_g = group mass, q = teacher):
+        ∂/∂z_j [w_P·KL(q̂‖p̂) + w_B·KL(q_b‖p_b) + w_S·KL(q̌‖p̌)]·T²
+            = T · [(w_g + w_B·(p_g − q_g)) · p̂_j − w_g · q̂_j]        (w_Φ = w_P, w_Ψ = w_S)
+    The host folds T, the incoming gradient and the weights into a = T·g·(w_g + w_B(p_g − q_g))
+    and b = T·g·w_g, so a class costs two exponentials. Reads both logits once; writes the
+    gradient once.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch_size
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = row_ok[:, None] & (cols < num_classes)[None, :]
+    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
+    if FORCE_TARGET:
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    else:
+        labels = tl.full([BLOCK_B], -1, tl.int32)
+    coefficients = coefficients_ptr + rows64 * 8
+    student_logit = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :],
+                            mask=ok, other=0.0).to(tl.float32)
+    teacher_logit = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
+                            mask=ok, other=0.0).to(tl.float32)
+    key = _composite_key(student_logit, cols + class_offset, labels, num_classes_total,
+                         FORCE_TARGET)
+    group = tl.where(key >= threshold[:, None], 0, 4)  # offset of Φ's or Ψ's coefficients
+    pointers = coefficients[:, None] + group
+    a = tl.load(pointers, mask=ok, other=0.0)
+    b = tl.load(pointers + 1, mask=ok, other=0.0)
+    student_log_partition = tl.load(pointers + 2, mask=ok, other=0.0)
+    teacher_log_partition = tl.load(pointers + 3, mask=ok, other=0.0)
+    grad = (a * tl.exp(student_logit * inv_temperature - student_log_partition)
+            - b * tl.exp(teacher_logit * inv_temperature - teacher_log_partition))
+    tl.store(grad_ptr + rows64[:, None] * stride_grad + cols[None, :],
+             grad.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers: grids, chunking, combination across chunks and shards
+# ---------------------------------------------------------------------------------------------
+
+AllReduce = Callable[[torch.Tensor, str], None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one grouped KD evaluation needs besides tensors (checked by the public functions)."""
+
+    tau: float
+    temperature: float
+    selection: str
+    k: int | None
+    force_target: bool
+    class_offsets: tuple[int, ...]  # global index of each local shard's first class
+    num_classes: int  # C over all shards and ranks
+    all_reduce: AllReduce | None  # in-place (tensor, "sum" | "max") across ranks, or None
+
+
+def _block_sizes(batch_size: int, num_classes: int) -> tuple[int, int]:
+    block_b = 4 if triton_interpreted() else 8
+    return min(block_b, triton.next_power_of_2(batch_size)), min(128, triton.next_power_of_2(num_classes))
+
+
+def _chunking(batch_size: int, num_classes: int, block_b: int, block_c: int) -> tuple[int, int]:
+    """(number of class chunks, tiles per chunk) so that the grid fills the device."""
+    tiles = triton.cdiv(num_classes, block_c)
+    row_blocks = triton.cdiv(batch_size, block_b)
+    # the interpreter runs programs one after another: few chunks, but more than one where it
+    # can, so that the combination across chunks is exercised
+    target_programs = 2 * row_blocks if triton_interpreted() else 1024
+    chunks = max(1, min(tiles, target_programs // row_blocks))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    return triton.cdiv(tiles, tiles_per_chunk), tiles_per_chunk
+
+
+def _reduce_across_ranks(tensor: torch.Tensor, op: str, plan: _Plan) -> torch.Tensor:
+    if plan.all_reduce is not None:
+        plan.all_reduce(tensor, op)
+    return tensor
+
+
+def _combine_log_partitions(
+    maxima: torch.Tensor,  # [parts, ...] partial maxima
+    sums: torch.Tensor,  # [parts, ...] partial Σ exp(x − partial max)
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (max, Σ exp(x − max)) from partials over chunks, shards and ranks."""
+    maximum = _reduce_across_ranks(maxima.amax(0), "max", plan)
+    total = _reduce_across_ranks((sums * torch.exp(maxima - maximum)).sum(0), "sum", plan)
+    return maximum, total
+
+
+def _row_stats(
+    students: Sequence[torch.Tensor],
+    teachers: Sequence[torch.Tensor] | None,
+    temperature: float,
+    plan: _Plan,
+) -> torch.Tensor:
+    """[B, 4] float64: max and log Σ exp of z_S/T, then of z_T/T (teacher columns 0 without)."""
+    partials = []
+    for index, student in enumerate(students):
+        batch_size, num_classes = student.shape
+        teacher = student if teachers is None else teachers[index]
+        block_b, block_c = _block_sizes(batch_size, num_classes)
+        chunks, tiles_per_chunk = _chunking(batch_size, num_classes, block_b, block_c)
+        stats = torch.empty(chunks, batch_size, 4, device=student.device, dtype=torch.float32)
+        _row_stats_kernel[(triton.cdiv(batch_size, block_b), chunks)](
+            student, teacher, stats, batch_size, num_classes, student.stride(0), teacher.stride(0),
+            1.0 / temperature, tiles_per_chunk,
+            HAS_TEACHER=teachers is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+        )
+        partials.append(stats)
+    stats = torch.cat(partials).double()
+    student_max, student_sum = _combine_log_partitions(stats[..., 0], stats[..., 1], plan)
+    teacher_max, teacher_sum = _combine_log_partitions(stats[..., 2], stats[..., 3], plan)
+    return torch.stack(
+        [student_max, student_max + student_sum.log(), teacher_max, teacher_max + teacher_sum.log()],
+        dim=1,
+    )
+
+
+def _search_passes(num_classes_total: int) -> int:
+    """Passes after which any key interval of width 2^32·C is down to one key."""
+    width, passes = 2**32 * num_classes_total, 0
+    while width > 1:
+        width, passes = -(-width // (NUM_PIVOTS + 1)), passes + 1
+    return passes
+
+
+def _pivot_counts(
+    values: Sequence[torch.Tensor],  # per local shard [R, C_shard]
+    pivots: torch.Tensor,  # [R, NUM_PIVOTS] int64
+    active: torch.Tensor,  # [R] bool
+    plan: _Plan,
+    *,
+    log_partition: torch.Tensor | None = None,  # [R] log Σ exp(z/T), for logits
+    mass_scale: float | None = None,  # p̃ = value · mass_scale, for class masses
+    labels: torch.Tensor | None = None,  # [R] int32 forced classes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N(pivot) and G(pivot) [R, NUM_PIVOTS] (float64) over every class of every shard and rank."""
+    num_rows = pivots.shape[0]
+    partials = []
+    active_flags = active.to(torch.int8)
+    log_partition_arg = (log_partition.float() if log_partition is not None
+                         else torch.zeros(num_rows, device=pivots.device))
+    for shard, class_offset in zip(values, plan.class_offsets):
+        num_classes = shard.shape[1]
+        block_b, block_c = _block_sizes(num_rows, num_classes)
+        chunks, tiles_per_chunk = _chunking(num_rows, num_classes, block_b, block_c)
+        counts = torch.empty(chunks, num_rows, NUM_PIVOTS, device=shard.device, dtype=torch.int32)
+        masses = torch.empty(chunks, num_rows, NUM_PIVOTS, device=shard.device, dtype=torch.float32)
+        _pivot_kernel[(triton.cdiv(num_rows, block_b), chunks)](
+            shard, log_partition_arg, active_flags if labels is None else labels, pivots,
+            active_flags, counts, masses, num_rows, num_classes, shard.stride(0), class_offset,
+            plan.num_classes, 1.0 / plan.temperature, mass_scale or 0.0, tiles_per_chunk,
+            VALUES_ARE_MASS=mass_scale is not None, FORCE_TARGET=labels is not None,
+            NUM_PIVOTS=NUM_PIVOTS, BLOCK_B=block_b, BLOCK_C=block_c,
+        )
+        partials.append(torch.stack([counts.double().sum(0), masses.double().sum(0)]))
+    totals = _reduce_across_ranks(torch.stack(partials).sum(0), "sum", plan)
+    return totals[0], totals[1]
+
+
+class _Interval(NamedTuple):
+    """Search state per row: keys in [lo, hi), with N and G at both ends."""
+
+    lo: torch.Tensor  # [R] int64
+    hi: torch.Tensor
+    count_lo: torch.Tensor  # [R] float64, N(lo) ≥ target > N(hi) or G(lo) ≥ τ > G(hi)
+    count_hi: torch.Tensor
+    mass_lo: torch.Tensor
+    mass_hi: torch.Tensor
+
+
+def _search(
+    evaluate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    num_rows: int,
+    plan: _Plan,
+    device: torch.device,
+    *,
+    tau: float | None = None,
+    target_count: torch.Tensor | None = None,
+) -> _Interval:
+    """Narrow [lo, hi) to the one class at which G reaches τ (or N reaches target_count).
+
+    ``evaluate(pivots, active)`` returns N and G at the pivots. No host synchronisation: the
+    number of passes is fixed by C, and settled rows are skipped inside the kernels.
+    """
+    offsets = torch.arange(1, NUM_PIVOTS + 1, device=device)
+    state = _Interval(
+        lo=torch.zeros(num_rows, dtype=torch.int64, device=device),
+        hi=torch.full((num_rows,), 2**32 * plan.num_classes, dtype=torch.int64, device=device),
+        count_lo=torch.full((num_rows,), float(plan.num_classes), dtype=torch.float64, device=device),
+        count_hi=torch.zeros(num_rows, dtype=torch.float64, device=device),
+        mass_lo=torch.ones(num_rows, dtype=torch.float64, device=device),
+        mass_hi=torch.zeros(num_rows, dtype=torch.float64, device=device),
+    )
+    for _ in range(_search_passes(plan.num_classes)):
+        active = state.count_lo - state.count_hi > 1
+        step = (state.hi - state.lo + NUM_PIVOTS) // (NUM_PIVOTS + 1)
+        pivots = torch.minimum(state.lo[:, None] + step[:, None] * offsets, state.hi[:, None])
+        count, mass = evaluate(pivots.contiguous(), active)
+        reached = mass >= tau if target_count is None else count >= target_count[:, None]
+        # pivots increase, so N and G decrease: count the leading pivots that still reach
+        below = reached.long().cumprod(1).sum(1)
+        new_lo = (below - 1).clamp(min=0)[:, None]
+        new_hi = below.clamp(max=NUM_PIVOTS - 1)[:, None]
+        move_lo = active & (below > 0)
+        move_hi = active & (below < NUM_PIVOTS)
+        state = _Interval(
+            lo=torch.where(move_lo, pivots.gather(1, new_lo).squeeze(1), state.lo),
+            hi=torch.where(move_hi, pivots.gather(1, new_hi).squeeze(1), state.hi),
+            count_lo=torch.where(move_lo, count.gather(1, new_lo).squeeze(1), state.count_lo),
+            count_hi=torch.where(move_hi, count.gather(1, new_hi).squeeze(1), state.count_hi),
+            mass_lo=torch.where(move_lo, mass.gather(1, new_lo).squeeze(1), state.mass_lo),
+            mass_hi=torch.where(move_hi, mass.gather(1, new_hi).squeeze(1), state.mass_hi),
+        )
+    return state
+
+
+def _batch_k_tensor(students: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor:
+    """The authors' batch-wide k (see :func:`_batch_k`) as a device scalar, found by the search."""
+    log_partition = _row_stats(students, None, 1.0, plan)[:, 1].float()
+    batch_size = students[0].shape[0]
+    masses = []
+    for student in students:
+        num_classes = student.shape[1]
+        block_b, block_c = _block_sizes(batch_size, num_classes)
+        mass = torch.empty(1, num_classes, device=student.device, dtype=torch.float32)
+        _class_mass_kernel[(triton.cdiv(num_classes, block_c),)](
+            student, log_partition, mass, batch_size, num_classes, student.stride(0),
+            BLOCK_B=block_b, BLOCK_C=block_c,
+        )
+        masses.append(mass)
+
+    def evaluate(pivots: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pivot_counts(masses, pivots, active, plan, mass_scale=1.0 / batch_size)
+
+    state = _search(evaluate, 1, plan, students[0].device, tau=plan.tau)
+    first = state.count_hi + 1  # 1-based position at which the batch mass reaches τ·B
+    k = 1 + BATCH_K_STEP * torch.ceil((first - 1) / BATCH_K_STEP)
+    return torch.where(k < plan.num_classes, k, float(plan.num_classes))
+
+
+def _primary_threshold(
+    students: Sequence[torch.Tensor],
+    log_partition: torch.Tensor,  # [B] log Σ exp(z_S/T)
+    labels: torch.Tensor | None,  # [B] int32
+    plan: _Plan,
+) -> torch.Tensor:
+    """[B] int64 composite key: Φ = the classes whose key is at least this (GKD Eq. 2–3)."""
+    batch_size = students[0].shape[0]
+    device = students[0].device
+    if (plan.selection == "sample" and plan.tau >= 1.0) or (
+        plan.selection == "fixed" and plan.k >= plan.num_classes
+    ):
+        return torch.zeros(batch_size, dtype=torch.int64, device=device)  # every class
+
+    def evaluate(pivots: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pivot_counts(students, pivots, active, plan, log_partition=log_partition,
+                             labels=labels)
+
+    if plan.selection == "sample":
+        state = _search(evaluate, batch_size, plan, device, tau=plan.tau)
+        # GKD Eq. 3: class m (first to reach τ) or the one before it, the smaller k on a tie
+        take_before = (state.count_hi >= 1) & (plan.tau - state.mass_hi <= state.mass_lo - plan.tau)
+        return torch.where(take_before, state.hi, state.lo)
+    if plan.selection == "fixed":
+        target = torch.full((batch_size,), float(plan.k), dtype=torch.float64, device=device)
+    else:
+        target = _batch_k_tensor(students, plan).expand(batch_size)
+    return _search(evaluate, batch_size, plan, device, target_count=target).lo
+
+
+def _group_stats(
+    students: Sequence[torch.Tensor],
+    teachers: Sequence[torch.Tensor],
+    row_max: torch.Tensor,  # [B, 2] fp32
+    threshold: torch.Tensor,  # [B] int64
+    labels: torch.Tensor | None,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 2, 5] float64 combined group statistics and [B, 2] group sizes, groups (Φ, Ψ)."""
+    stat_parts, size_parts = [], []
+    for student, teacher, class_offset in zip(students, teachers, plan.class_offsets):
+        batch_size, num_classes = student.shape
+        block_b, block_c = _block_sizes(batch_size, num_classes)
+        chunks, tiles_per_chunk = _chunking(batch_size, num_classes, block_b, block_c)
+        stats = torch.empty(chunks, batch_size, 2, 5, device=student.device, dtype=torch.float32)
+        sizes = torch.empty(chunks, batch_size, 2, device=student.device, dtype=torch.int32)
+        _group_stats_kernel[(triton.cdiv(batch_size, block_b), chunks)](
+            student, teacher, row_max, threshold, threshold if labels is None else labels, stats,
+            sizes, batch_size, num_classes, student.stride(0), teacher.stride(0), class_offset,
+            plan.num_classes, 1.0 / plan.temperature, tiles_per_chunk,
+            FORCE_TARGET=labels is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+        )
+        stat_parts.append(stats)
+        size_parts.append(sizes)
+    stats = torch.cat(stat_parts).double()
+    student_max, student_sum = _combine_log_partitions(stats[..., 0], stats[..., 1], plan)
+    teacher_max, teacher_sum = _combine_log_partitions(stats[..., 2], stats[..., 3], plan)
+    cross = _reduce_across_ranks(
+        (stats[..., 4] * torch.exp(stats[..., 2] - teacher_max)).sum(0), "sum", plan
+    )
+    sizes = _reduce_across_ranks(torch.cat(size_parts).double().sum(0), "sum", plan)
+    combined = torch.stack([student_max, student_sum, teacher_max, teacher_sum, cross], dim=-1)
+    return combined, sizes
+
+
+class _Forward(NamedTuple):
+    rows: torch.Tensor  # [B] float32 loss per sample
+    coefficients: torch.Tensor  # [B, 2, 4] fp32 a/g, b/g, LSE_S,g, LSE_T,g per group (Φ, Ψ)
+    threshold: torch.Tensor  # [B] int64
+
+
+def _grouped_kd_forward(
+    students: Sequence[torch.Tensor],
+    teachers: Sequence[torch.Tensor],
+    weights: torch.Tensor,  # [3, B] float64: w_primary, w_binary, w_secondary
+    labels: torch.Tensor | None,  # [B] int32
+    plan: _Plan,
+) -> _Forward:
+    row_stats = _row_stats(students, teachers, plan.temperature, plan)
+    threshold = _primary_threshold(students, row_stats[:, 1].float(), labels, plan)
+    row_max = row_stats[:, [0, 2]].float().contiguous()
+    stats, sizes = _group_stats(students, teachers, row_max, threshold, labels, plan)
+    student_max, student_sum, teacher_max, teacher_sum, cross = stats.unbind(-1)
+    student_lse = student_max + student_sum.log()  # [B, 2]; −inf for an empty group
+    teacher_lse = teacher_max + teacher_sum.log()
+    present = sizes > 0
+    # GKD Eq. 5, 10, within each group: E_q̂[gap] − (LSE_T,g − M_T) + (LSE_S,g − M_S)
+    group_kl = (cross / teacher_sum - (teacher_lse - row_stats[:, 2:3])
+                + (student_lse - row_stats[:, 0:1]))
+    group_kl = torch.where(present, group_kl, 0.0)
+    # GKD Eq. 6: group masses, then Binary-KD with 0·log 0 = 0
+    student_log_mass = student_lse - torch.logaddexp(student_lse[:, 0], student_lse[:, 1])[:, None]
+    teacher_log_mass = teacher_lse - torch.logaddexp(teacher_lse[:, 0], teacher_lse[:, 1])[:, None]
+    teacher_mass = torch.where(present, teacher_log_mass.exp(), 0.0)
+    binary = torch.where(
+        teacher_mass > 0, teacher_mass * (teacher_log_mass - student_log_mass), 0.0
+    ).sum(1)
+    w_primary, w_binary, w_secondary = weights
+    rows = (w_primary * group_kl[:, 0] + w_binary * binary + w_secondary * group_kl[:, 1])
+    rows = rows * plan.temperature**2  # GKD Eq. 11 with Hinton's T²
+    # gradient coefficients per unit incoming gradient (see _grouped_kd_backward_kernel)
+    student_mass = torch.where(present, student_log_mass.exp(), 0.0)
+    group_weight = torch.stack([w_primary, w_secondary], dim=1)
+    a = plan.temperature * (group_weight + w_binary[:, None] * (student_mass - teacher_mass))
+    b = plan.temperature * group_weight
+    coefficients = torch.stack([a, b, student_lse, teacher_lse], dim=-1).float().contiguous()
+    return _Forward(rows.float(), coefficients, threshold)
+
+
+def _grouped_kd_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    class_offset: int,
+    coefficients: torch.Tensor,  # [B, 2, 4] per unit incoming gradient
+    grad_rows: torch.Tensor,  # [B]
+    threshold: torch.Tensor,
+    labels: torch.Tensor | None,
+    plan: _Plan,
+) -> torch.Tensor:
+    batch_size, num_classes = student.shape
+    scaled = coefficients.clone()
+    scaled[..., :2] *= grad_rows.float()[:, None, None]
+    grad = torch.empty_like(student)
+    block_b, block_c = _block_sizes(batch_size, num_classes)
+    grid = (triton.cdiv(batch_size, block_b), triton.cdiv(num_classes, block_c))
+    _grouped_kd_backward_kernel[grid](
+        student, teacher, grad, scaled, threshold, threshold if labels is None else labels,
+        batch_size, num_classes, student.stride(0), teacher.stride(0), grad.stride(0),
+        class_offset, plan.num_classes, 1.0 / plan.temperature,
+        FORCE_TARGET=labels is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+    )
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+class _GroupedKDFunction(torch.autograd.Function):
+    """Per-sample grouped KD [B] over class shards; gradient to the student shards only."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, weights: torch.Tensor, labels: torch.Tensor | None,
+                *logits: torch.Tensor) -> torch.Tensor:
+        shards = len(logits) // 2
+        students, teachers = logits[:shards], logits[shards:]
+        result = _grouped_kd_forward(students, teachers, weights, labels, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(result.coefficients, result.threshold, labels, *logits)
+        return result.rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        coefficients, threshold, labels, *logits = ctx.saved_tensors
+        shards = len(logits) // 2
+        grads = [
+            _grouped_kd_backward(student, teacher, offset, coefficients, grad_rows, threshold,
+                                 labels, ctx.plan) if ctx.needs_input_grad[3 + index] else None
+            for index, (student, teacher, offset) in enumerate(
+                zip(logits[:shards], logits[shards:], ctx.plan.class_offsets)
+            )
+        ]
+        return (None, None, None, *grads, *([None] * shards))
+
+
+# ---------------------------------------------------------------------------------------------
+# User-facing functions
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    tau: float = 0.93,  # GKD Table 2
+    temperature: float = 1.0,  # GKD Eq. 1 has no temperature; the authors' code uses 4
+    w_primary: float | torch.Tensor = 8.0,  # GKD λ1, "Implementation Details"
+    w_binary: float | torch.Tensor = 1.0,  # GKD λ2, "Implementation Details"
+    w_secondary: float | torch.Tensor = 0.0,  # GKD Eq. 11 drops Secondary-KD
+    reduction: str = "mean",
+    selection: str = "sample",
+    k: int | None = None,
+    force_target: bool = False,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped KD loss (GKD Eq. 11) between student and teacher logits [B, C].
+
+    Logits are each network's own margin-free s·cos θ. Gradient flows to ``student_logits`` only.
+    ``reduction``: "mean" over the batch, "sum", or "none" for a [B] vector. See the module
+    docstring for ``selection``, ``k``, ``force_target`` and ``labels``. The Triton path
+    (:func:`facekd.kernels.use_triton`) computes in fp32 and returns the student's dtype.
+    """
+    _check_logits(student_logits, teacher_logits)
+    return grouped_kd_loss_sharded(
+        [student_logits], [teacher_logits], class_offsets=[0], num_classes=student_logits.shape[1],
+        tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
+        w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
+        force_target=force_target, labels=labels,
+    )
+
+
+def grouped_kd_loss_sharded(
+    student_shards: Sequence[torch.Tensor],
+    teacher_shards: Sequence[torch.Tensor],
+    *,
+    class_offsets: Sequence[int],
+    num_classes: int,
+    all_reduce: AllReduce | None = None,
+    tau: float = 0.93,  # GKD Table 2
+    temperature: float = 1.0,  # GKD Eq. 1 has no temperature; the authors' code uses 4
+    w_primary: float | torch.Tensor = 8.0,  # GKD λ1, "Implementation Details"
+    w_binary: float | torch.Tensor = 1.0,  # GKD λ2, "Implementation Details"
+    w_secondary: float | torch.Tensor = 0.0,  # GKD Eq. 11 drops Secondary-KD
+    reduction: str = "mean",
+    selection: str = "sample",
+    k: int | None = None,
+    force_target: bool = False,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`grouped_kd_loss` over logits split by class: shard i holds the classes
+    [class_offsets[i], class_offsets[i] + C_i) of ``num_classes`` for every one of the B samples.
+
+    Without ``all_reduce`` the shards are all the classes, held in this process. With
+    ``all_reduce(tensor, op)`` (op "sum" or "max", in place, across ranks; e.g. a wrapper of
+    ``torch.distributed.all_reduce`` on the model-parallel group) the shards are this rank's
+    part, and the other ranks call the function at the same time with theirs. Every rank gets
+    the same loss; the gradient reaches each rank's own student shards. Only per-sample
+    statistics cross ranks: row maxima and sums, NUM_PIVOTS counts and masses per search pass,
+    and the group sums. ``labels`` hold global class indices. The plain-torch path concatenates
+    local shards and cannot take ``all_reduce``.
+    """
+    if len(student_shards) == 0 or len(student_shards) != len(teacher_shards):
+        raise ValueError(
+            f"need as many teacher shards as student shards (at least one), got "
+            f"{len(student_shards)} and {len(teacher_shards)}"
+        )
+    if len(class_offsets) != len(student_shards):
+        raise ValueError(f"need one class offset per shard, got {len(class_offsets)} "
+                         f"for {len(student_shards)} shards")
+    for student, teacher in zip(student_shards, teacher_shards):
+        _check_logits(student, teacher)
+    batch_size = student_shards[0].shape[0]
+    if any(student.shape[0] != batch_size for student in student_shards):
+        raise ValueError(f"every shard must hold the same {batch_size} samples, got "
+                         f"{[student.shape[0] for student in student_shards]}")
+    spans = sorted((int(offset), int(offset) + student.shape[1])
+                   for offset, student in zip(class_offsets, student_shards))
+    if spans[0][0] < 0 or spans[-1][1] > num_classes or any(
+        end > start for (_, end), (start, _) in zip(spans, spans[1:])
+    ):
+        raise ValueError(f"shards must be disjoint class ranges inside [0, {num_classes}), "
+                         f"got {spans}")
+    if all_reduce is None and (spans[0][0] != 0 or spans[-1][1] != num_classes or any(
+        end != start for (_, end), (start, _) in zip(spans, spans[1:])
+    )):
+        raise ValueError(f"without all_reduce the shards must cover [0, {num_classes}) "
+                         f"exactly, got {spans}")
+    _check_options(
+        batch_size=batch_size, num_classes=num_classes, tau=tau, temperature=temperature,
+        selection=selection, k=k, force_target=force_target, labels=labels,
+    )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    dtype = student_shards[0].dtype
+
+    if use_triton(*student_shards, *teacher_shards):
+        like = torch.empty(batch_size, dtype=torch.float64, device=student_shards[0].device)
+        weights = torch.stack([
+            _weight_rows(w_primary, "w_primary", like),
+            _weight_rows(w_binary, "w_binary", like),
+            _weight_rows(w_secondary, "w_secondary", like),
+        ])
+        plan = _Plan(
+            tau=float(tau), temperature=float(temperature), selection=selection,
+            k=None if k is None else int(k), force_target=force_target,
+            class_offsets=tuple(int(offset) for offset in class_offsets),
+            num_classes=int(num_classes), all_reduce=all_reduce,
+        )
+        shards = [shard if shard.stride(1) == 1 else shard.contiguous()
+                  for shard in (*student_shards, *teacher_shards)]
+        forced = labels.to(torch.int32).contiguous() if force_target else None
+        rows = _GroupedKDFunction.apply(plan, weights, forced, *shards)
+        return _reduce(rows.to(dtype), reduction)
+
+    if all_reduce is not None:
+        raise RuntimeError(
+            "grouped_kd_loss_sharded across ranks needs the Triton path: CUDA tensors, or "
+            f"{ENV_VAR}=triton with TRITON_INTERPRET=1"
+        )
+    order = sorted(range(len(student_shards)), key=lambda index: class_offsets[index])
+    return reference_grouped_kd_loss(
+        torch.cat([student_shards[index] for index in order], dim=1),
+        torch.cat([teacher_shards[index] for index in order], dim=1),
+        tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
+        w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
+        force_target=force_target, labels=labels,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,36 +1183,3 @@ def reference_grouped_kd_loss(
         + _weight_rows(w_secondary, "w_secondary", terms.secondary) * terms.secondary
     ) * temperature**2  # GKD Eq. 11, with Hinton's T² so gradients keep their scale
     return _reduce(rows.to(student_logits.dtype), reduction)
-
-
-# ---------------------------------------------------------------------------------------------
-# User-facing function
-# ---------------------------------------------------------------------------------------------
-
-
-def grouped_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    tau: float = 0.93,  # GKD Table 2
-    temperature: float = 1.0,  # GKD Eq. 1 has no temperature; the authors' code uses 4
-    w_primary: float | torch.Tensor = 8.0,  # GKD λ1, "Implementation Details"
-    w_binary: float | torch.Tensor = 1.0,  # GKD λ2, "Implementation Details"
-    w_secondary: float | torch.Tensor = 0.0,  # GKD Eq. 11 drops Secondary-KD
-    reduction: str = "mean",
-    selection: str = "sample",
-    k: int | None = None,
-    force_target: bool = False,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Grouped KD loss (GKD Eq. 11) between student and teacher logits [B, C].
-
-    Logits are each network's own margin-free s·cos θ. Gradient flows to ``student_logits`` only.
-    ``reduction``: "mean" over the batch, "sum", or "none" for a [B] vector. See the module
-    docstring for ``selection``, ``k``, ``force_target`` and ``labels``.
-    """
-    return reference_grouped_kd_loss(
-        student_logits, teacher_logits, tau=tau, temperature=temperature, w_primary=w_primary,
-        w_binary=w_binary, w_secondary=w_secondary, reduction=reduction, selection=selection,
-        k=k, force_target=force_target, labels=labels,
-    )

@@ -6,6 +6,7 @@ explicitly renormalised distributions (GKD Eq. 5–6, 10). It shares no code wit
 """
 import math
 import os
+import socket
 
 # The Triton path runs in the CPU interpreter; it must be switched on before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,7 +15,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from facekd.kernels.grouped_kd import (  # noqa: E402
+    _Plan,
+    _primary_threshold,
+    _row_stats,
     grouped_kd_loss,
+    grouped_kd_loss_sharded,
     grouped_kd_terms,
     reference_primary_mask,
 )
@@ -125,13 +130,56 @@ def masks_of(groups, num_classes):
 # Inputs and comparison helpers
 # ---------------------------------------------------------------------------------------------
 
-# atol, rtol of forward value and student gradient against the float64 reference
+# atol, rtol of forward value and student gradient against the float64 reference, by logits
+# dtype; the Triton path computes in fp32 whatever the input, so float64 gets fp32's row there.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),
     torch.float32: (2e-5, 1e-4),
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (5e-3, 5e-3),
 }
+
+
+def tolerance(dtype, backend):
+    if backend == "triton" and dtype == torch.float64:
+        return TOLERANCES[torch.float32]
+    return TOLERANCES[dtype]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Runs a test on the plain-torch reference and on the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("FACEKD_KERNEL_BACKEND", request.param)
+    return request.param
+
+
+def composite_keys(student, labels=None):
+    """The ranking of the Triton selection, rebuilt in torch: float bits in float order, then the
+    lower class index first; a forced label above everything."""
+    batch_size, num_classes = student.shape
+    values = student.float()
+    bits = torch.where(values == 0, 0.0, values).view(torch.int32).long()
+    unsigned = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits + 2**31)
+    if labels is not None:
+        unsigned[torch.arange(batch_size), labels.long()] = 2**32 - 1
+    return unsigned * num_classes + (num_classes - 1 - torch.arange(num_classes))
+
+
+def primary_mask(student, backend, tau=0.93, temperature=1.0, selection="sample", k=None,
+                 labels=None):
+    """Φ as chosen by the backend under test: the reference's sort, or the Triton search."""
+    options = dict(tau=tau, temperature=temperature, selection=selection, k=k,
+                   force_target=labels is not None, labels=labels)
+    if backend == "torch":
+        return reference_primary_mask(student, **options)
+    student = student.float().contiguous()
+    plan = _Plan(tau=tau, temperature=temperature, selection=selection, k=k,
+                 force_target=labels is not None, class_offsets=(0,),
+                 num_classes=student.shape[1], all_reduce=None)
+    log_partition = _row_stats([student], None, temperature, plan)[:, 1].float()
+    forced = None if labels is None else labels.to(torch.int32)
+    threshold = _primary_threshold([student], log_partition, forced, plan)
+    return composite_keys(student, labels) >= threshold[:, None]
 
 
 def face_logits(batch, num_classes, seed, scale=64.0, spread=0.1, dtype=torch.float64):
@@ -147,9 +195,10 @@ def face_logits(batch, num_classes, seed, scale=64.0, spread=0.1, dtype=torch.fl
     return student, teacher, labels
 
 
-def check_against_paper(student, teacher, groups, *, grad_rows=None, reduction="mean", **options):
+def check_against_paper(student, teacher, groups, *, backend, grad_rows=None, reduction="mean",
+                        **options):
     """Forward and student gradient of grouped_kd_loss vs the paper reference, same inputs."""
-    atol, rtol = TOLERANCES[student.dtype]
+    atol, rtol = tolerance(student.dtype, backend)
     weights = {key: options.pop(key) for key in ("w_primary", "w_binary", "w_secondary") if key in options}
     temperature = options.get("temperature", 1.0)
     student = student.clone().requires_grad_(True)
@@ -181,41 +230,40 @@ OPTION_SETS = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_paper_reference(shape, options, dtype):
+def test_matches_paper_reference(shape, options, dtype, backend):
     student, teacher, _ = face_logits(*shape, seed=shape[1], dtype=dtype)
     groups = paper_groups(student, tau=options.get("tau", 0.93),
                           temperature=options.get("temperature", 1.0))
-    check_against_paper(student, teacher, groups, **dict(options))
+    check_against_paper(student, teacher, groups, backend=backend, **dict(options))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_logits(dtype):
+def test_low_precision_logits(dtype, backend):
     student, teacher, _ = face_logits(4, 129, seed=7, dtype=dtype)
     # the reference sees the same rounded logits, upcast exactly
     groups = paper_groups(student.double(), temperature=2.0)
-    check_against_paper(student, teacher, groups, temperature=2.0)
+    check_against_paper(student, teacher, groups, backend=backend, temperature=2.0)
 
 
-def test_primary_group_is_the_paper_rule():
-    student, _, labels = face_logits(6, 129, seed=3, spread=0.05)
+def test_primary_group_is_the_paper_rule(backend):
+    student, _, _ = face_logits(6, 129, seed=3, spread=0.05)
     for options in ({}, {"tau": 0.3, "temperature": 3.0}, {"tau": 0.999}):
-        mask = reference_primary_mask(student, **options)
+        mask = primary_mask(student, backend, **options)
         expected = masks_of(paper_groups(student, **options), student.shape[1])
         assert torch.equal(mask, expected), options
 
 
-def test_one_dominant_class_gives_k_1():
+def test_one_dominant_class_gives_k_1(backend):
     student, teacher, _ = face_logits(3, 37, seed=1)
     student[:, 5] = 64.0  # p̃ of class 5 ≈ 1 > τ
-    terms = grouped_kd_terms(student, teacher)
-    assert terms.primary_mask.sum(1).tolist() == [1, 1, 1]
-    assert terms.primary_mask[:, 5].all()
+    assert torch.equal(primary_mask(student, backend), masks_of([[5]] * 3, 37))
     # a one-class group carries no Primary-KD: p̂ = 1 for both networks
+    terms = grouped_kd_terms(student, teacher)
     torch.testing.assert_close(terms.primary, torch.zeros(3, dtype=torch.float64))
-    check_against_paper(student, teacher, [[5]] * 3)
+    check_against_paper(student, teacher, [[5]] * 3, backend=backend)
 
 
-def test_tau_one_is_classic_kd():
+def test_tau_one_is_classic_kd(backend):
     student, teacher, _ = face_logits(3, 37, seed=2)
     terms = grouped_kd_terms(student, teacher, tau=1.0, temperature=2.0)
     assert terms.primary_mask.all()
@@ -225,46 +273,50 @@ def test_tau_one_is_classic_kd():
         log_target=True, reduction="none",
     ).sum(1)
     torch.testing.assert_close(terms.primary, classic)
-    check_against_paper(student, teacher, [list(range(37))] * 3, tau=1.0, temperature=2.0)
+    check_against_paper(student, teacher, [list(range(37))] * 3, backend=backend, tau=1.0,
+                        temperature=2.0)
 
 
-def test_flat_prediction_selects_every_class():
+def test_flat_prediction_selects_every_class(backend):
     # five equal probabilities: cumulative 0.2, …, 1.0, and |1.0 − 0.93| is the smallest gap
     student = torch.zeros(2, 5, dtype=torch.float64)
     teacher = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    terms = grouped_kd_terms(student, teacher)
-    assert terms.primary_mask.all()
-    assert (terms.secondary == 0).all()
-    check_against_paper(student, teacher, [list(range(5))] * 2, w_secondary=1.0)
+    assert primary_mask(student, backend).all()
+    assert (grouped_kd_terms(student, teacher).secondary == 0).all()
+    check_against_paper(student, teacher, [list(range(5))] * 2, backend=backend, w_secondary=1.0)
 
 
 @pytest.mark.parametrize("tau, expected", [(0.5, [0, 1]), (0.625, [0, 1]), (0.626, [0, 1, 2])])
-def test_tau_reached_exactly_and_ties(tau, expected):
+def test_tau_reached_exactly_and_ties(tau, expected, backend):
     # four equal probabilities 0.25 (exact in binary): τ = 0.5 is reached exactly at k = 2;
     # τ = 0.625 lies halfway between k = 2 and k = 3 and the smaller k wins; the equal
     # probabilities are taken lower class index first.
     student = torch.zeros(3, 4, dtype=torch.float64)
     teacher = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    mask = reference_primary_mask(student, tau=tau)
-    assert torch.equal(mask, masks_of([expected] * 3, 4))
-    check_against_paper(student, teacher, [expected] * 3, tau=tau, w_secondary=0.25)
+    assert torch.equal(primary_mask(student, backend, tau=tau), masks_of([expected] * 3, 4))
+    check_against_paper(student, teacher, [expected] * 3, backend=backend, tau=tau,
+                        w_secondary=0.25)
 
 
-def test_ties_across_the_group_boundary():
+def test_ties_across_the_group_boundary(backend):
     # [4, 2, 2, 2, 2, 0, …]: the cut falls inside the run of equal logits
     student = torch.zeros(2, 11, dtype=torch.float64)
     student[:, 0] = 4.0
     student[0, [3, 5, 7, 9]] = 2.0
     student[1, [1, 2, 8, 10]] = 2.0
+    student[1, 4] = -0.0  # equal to +0.0: ranks by index among the zeros
     teacher = torch.randn(2, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     groups = paper_groups(student, tau=0.75)
-    assert [len(g) for g in groups] == [3, 3]
     assert groups == [[0, 3, 5], [0, 1, 2]]
-    assert torch.equal(reference_primary_mask(student, tau=0.75), masks_of(groups, 11))
-    check_against_paper(student, teacher, groups, tau=0.75, w_secondary=1.0)
+    assert torch.equal(primary_mask(student, backend, tau=0.75), masks_of(groups, 11))
+    # and a cut inside the run of zeros
+    deep = paper_groups(student, tau=0.955)
+    assert deep == [[0, 1, 2, 3, 5, 7, 9], [0, 1, 2, 3, 4, 8, 10]]
+    assert torch.equal(primary_mask(student, backend, tau=0.955), masks_of(deep, 11))
+    check_against_paper(student, teacher, groups, backend=backend, tau=0.75, w_secondary=1.0)
 
 
-def test_single_class():
+def test_single_class(backend):
     student = torch.randn(3, 1, dtype=torch.float64)
     teacher = torch.randn(3, 1, dtype=torch.float64)
     student.requires_grad_(True)
@@ -275,19 +327,19 @@ def test_single_class():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_and_incoming_gradient(reduction):
+def test_reductions_and_incoming_gradient(reduction, backend):
     student, teacher, _ = face_logits(5, 129, seed=4)
     groups = paper_groups(student, temperature=4.0)
     grad_rows = None
     if reduction == "none":
         grad_rows = torch.linspace(-2.0, 3.0, 5, dtype=torch.float64)
-    check_against_paper(student, teacher, groups, temperature=4.0, reduction=reduction,
-                        grad_rows=grad_rows)
+    check_against_paper(student, teacher, groups, backend=backend, temperature=4.0,
+                        reduction=reduction, grad_rows=grad_rows)
 
 
 @pytest.mark.parametrize("options", [{}, {"tau": 0.5, "temperature": 4.0},
                                      {"selection": "fixed", "k": 7}])
-def test_eq9_identity_gives_classic_kd(options):
+def test_eq9_identity_gives_classic_kd(options, backend):
     # GKD Eq. 9: p_Φ^T·Primary + Binary + p_Ψ^T·Secondary = KL(p^T ‖ p^S), forward and gradient
     student, teacher, _ = face_logits(4, 129, seed=5)
     temperature = options.get("temperature", 1.0)
@@ -299,55 +351,175 @@ def test_eq9_identity_gives_classic_kd(options):
         torch.log_softmax(student / temperature, 1), torch.log_softmax(teacher / temperature, 1),
         log_target=True, reduction="batchmean",
     ) * temperature**2
-    torch.testing.assert_close(loss, classic, atol=1e-12, rtol=1e-10)
+    atol, rtol = (1e-12, 1e-10) if backend == "torch" else TOLERANCES[torch.float32]
+    torch.testing.assert_close(loss, classic, atol=atol, rtol=rtol)
     gradient, classic_gradient = (torch.autograd.grad(x, student)[0] for x in (loss, classic))
-    torch.testing.assert_close(gradient, classic_gradient, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gradient, classic_gradient, atol=atol, rtol=rtol)
 
 
-def test_batch_selection_follows_authors_code():
+def test_batch_selection_follows_authors_code(backend):
     # a flat-ish prediction over 401 classes needs a few hundred classes to reach τ
     student, teacher, _ = face_logits(3, 401, seed=6, scale=16.0)
     batch_k = authors_batch_k(student, 0.93)
     assert 1 < batch_k < 401
     groups = paper_groups(student, selection="batch")
     assert all(len(g) == batch_k for g in groups)
-    assert torch.equal(reference_primary_mask(student, selection="batch"), masks_of(groups, 401))
-    check_against_paper(student, teacher, groups, selection="batch", temperature=4.0)
+    assert torch.equal(primary_mask(student, backend, selection="batch"), masks_of(groups, 401))
+    check_against_paper(student, teacher, groups, backend=backend, selection="batch",
+                        temperature=4.0)
 
 
-def test_batch_selection_falls_back_to_every_class():
-    student, teacher, _ = face_logits(2, 150, seed=6, scale=0.5)  # nearly uniform
+def test_batch_selection_falls_back_to_every_class(backend):
+    student, _, _ = face_logits(2, 150, seed=6, scale=0.5)  # nearly uniform
     assert authors_batch_k(student, 0.93) == 150
-    assert reference_primary_mask(student, selection="batch").all()
+    assert primary_mask(student, backend, selection="batch").all()
 
 
 @pytest.mark.parametrize("k", [5, 1000])
-def test_fixed_selection(k):
+def test_fixed_selection(k, backend):
     student, teacher, _ = face_logits(3, 37, seed=8)
     groups = paper_groups(student, selection="fixed", k=k)
     assert all(len(g) == min(k, 37) for g in groups)
-    check_against_paper(student, teacher, groups, selection="fixed", k=k, w_secondary=1.0)
+    assert torch.equal(primary_mask(student, backend, selection="fixed", k=k), masks_of(groups, 37))
+    check_against_paper(student, teacher, groups, backend=backend, selection="fixed", k=k,
+                        w_secondary=1.0)
 
 
 @pytest.mark.parametrize("selection, k", [("sample", None), ("fixed", 4), ("batch", None)])
-def test_force_target(selection, k):
-    student, teacher, labels = face_logits(4, 129, seed=9)
+def test_force_target(selection, k, backend):
+    student, teacher, _ = face_logits(4, 129, seed=9)
     labels = torch.tensor([0, 17, 64, 128])  # mostly not the student's top class
     groups = paper_groups(student, selection=selection, k=k, labels=labels)
     assert all(int(y) in g for y, g in zip(labels, groups))
-    mask = reference_primary_mask(student, selection=selection, k=k, force_target=True, labels=labels)
+    mask = primary_mask(student, backend, selection=selection, k=k, labels=labels)
     assert torch.equal(mask, masks_of(groups, 129))
-    check_against_paper(student, teacher, groups, selection=selection, k=k, force_target=True,
-                        labels=labels)
+    check_against_paper(student, teacher, groups, backend=backend, selection=selection, k=k,
+                        force_target=True, labels=labels)
 
 
-def test_teacher_gets_no_gradient():
+def test_teacher_gets_no_gradient(backend):
     student, teacher, _ = face_logits(2, 37, seed=10)
     teacher.requires_grad_(True)
     student.requires_grad_(True)
     grouped_kd_loss(student, teacher).backward()
     assert teacher.grad is None
     assert student.grad is not None
+
+
+SHARD_OPTIONS = [
+    {},
+    {"tau": 0.5, "temperature": 4.0, "w_secondary": 1.0},
+    {"selection": "batch"},
+    {"selection": "fixed", "k": 50},
+]
+
+
+@pytest.mark.parametrize("options", SHARD_OPTIONS)
+def test_shards_in_one_process_equal_unsharded(options, backend):
+    # 129 classes held as three shards, listed out of class order
+    student, teacher, labels = face_logits(4, 129, seed=12, scale=16.0, dtype=torch.float32)
+    bounds = [(50, 129), (0, 40), (40, 50)]
+    student = student.requires_grad_(True)
+    loss = grouped_kd_loss(student, teacher, **options)
+    (gradient,) = torch.autograd.grad(loss, student)
+    student_shards = [student.detach()[:, a:b].clone().requires_grad_(True) for a, b in bounds]
+    sharded = grouped_kd_loss_sharded(
+        student_shards, [teacher[:, a:b] for a, b in bounds],
+        class_offsets=[a for a, _ in bounds], num_classes=129, **options,
+    )
+    shard_gradients = torch.autograd.grad(sharded, student_shards)
+    # the same selection and sums in another order: equal to fp32 rounding of |logit| ≈ 16
+    torch.testing.assert_close(sharded, loss, atol=1e-5, rtol=1e-5)
+    for (a, b), shard_gradient in zip(bounds, shard_gradients):
+        torch.testing.assert_close(shard_gradient, gradient[:, a:b], atol=1e-7, rtol=1e-5)
+
+
+def test_forced_target_in_another_shard(backend):
+    student, teacher, _ = face_logits(4, 129, seed=13, dtype=torch.float32)
+    labels = torch.tensor([3, 60, 100, 128])
+    bounds = [(0, 64), (64, 129)]
+    sharded = grouped_kd_loss_sharded(
+        [student[:, a:b] for a, b in bounds], [teacher[:, a:b] for a, b in bounds],
+        class_offsets=[0, 64], num_classes=129, force_target=True, labels=labels,
+        selection="fixed", k=3,
+    )
+    groups = paper_groups(student, selection="fixed", k=3, labels=labels)
+    torch.testing.assert_close(sharded.double(), paper_loss(student.double(), teacher.double(),
+                                                            groups), atol=2e-5, rtol=1e-4)
+
+
+def _rank_process(rank, world, port, bounds, student, teacher, options, results):
+    """One rank of a gloo group: its class shard only, combined through all_reduce."""
+    import torch.distributed as dist
+
+    os.environ["FACEKD_KERNEL_BACKEND"] = "triton"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    operations = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    try:
+        a, b = bounds[rank]
+        shard = student[:, a:b].clone().requires_grad_(True)
+        loss = grouped_kd_loss_sharded(
+            [shard], [teacher[:, a:b]], class_offsets=[a], num_classes=student.shape[1],
+            all_reduce=lambda tensor, op: dist.all_reduce(tensor, op=operations[op]), **options,
+        )
+        loss.backward()
+        results.put((rank, loss.detach(), shard.grad))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"selection": "batch", "temperature": 4.0}])
+def test_ranks_through_all_reduce_equal_unsharded(options):
+    multiprocessing = torch.multiprocessing.get_context("spawn")
+    student, teacher, _ = face_logits(3, 101, seed=14, scale=16.0, dtype=torch.float32)
+    bounds = [(0, 30), (30, 71), (71, 101)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = multiprocessing.Queue()
+    ranks = [multiprocessing.Process(target=_rank_process, args=(
+        rank, 3, port, bounds, student, teacher, options, results)) for rank in range(3)]
+    for process in ranks:
+        process.start()
+    outputs = dict((rank, (loss, grad)) for rank, loss, grad in (results.get(timeout=300)
+                                                                 for _ in ranks))
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    groups = paper_groups(student, **{key: value for key, value in options.items()
+                                      if key in ("selection", "temperature")})
+    reference_student = student.double().requires_grad_(True)
+    reference = paper_loss(reference_student, teacher.double(), groups,
+                           temperature=options.get("temperature", 1.0))
+    (reference_gradient,) = torch.autograd.grad(reference, reference_student)
+    for rank, (a, b) in enumerate(bounds):
+        loss, grad = outputs[rank]
+        torch.testing.assert_close(loss.double(), reference, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(grad.double(), reference_gradient[:, a:b], atol=2e-5, rtol=1e-4)
+
+
+def test_all_reduce_needs_the_triton_path(monkeypatch):
+    monkeypatch.setenv("FACEKD_KERNEL_BACKEND", "torch")
+    student, teacher, _ = face_logits(2, 37, seed=15)
+    with pytest.raises(RuntimeError, match="needs the Triton path"):
+        grouped_kd_loss_sharded([student[:, :20]], [teacher[:, :20]], class_offsets=[0],
+                                num_classes=37, all_reduce=lambda tensor, op: None)
+
+
+@pytest.mark.parametrize("offsets, num_classes, message", [
+    ([0, 15], 37, "must be disjoint class ranges"),
+    ([0, 21], 37, "must be disjoint class ranges"),
+    ([0, 21], 40, "must cover"),
+    ([0], 37, "one class offset per shard"),
+])
+def test_bad_shards(offsets, num_classes, message):
+    student, teacher, _ = face_logits(2, 37, seed=16)
+    with pytest.raises(ValueError, match=message):
+        grouped_kd_loss_sharded([student[:, :20], student[:, 20:]],
+                                [teacher[:, :20], teacher[:, 20:]],
+                                class_offsets=offsets, num_classes=num_classes)
 
 
 @pytest.mark.parametrize("kwargs, message", [
