@@ -172,7 +172,7 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # rows already settled skip their tiles.
 
 NUM_PIVOTS = 16  # pivots per search pass: each pass divides the key interval by 17
-_LOWEST = -1.0e30  # running maximum of an empty set; exp(_LOWEST − m) is 0 for any real m
+_LOWEST = tl.constexpr(-1.0e30)  # running max of an empty set; exp(_LOWEST − m) = 0 for real m
 
 
 @triton.jit
