@@ -500,11 +500,12 @@ def _grad_weight_kernel(
 class _Launch:
     """Block sizes and grids of one call (untuned guesses for Hopper; tiny ones for the interpreter)."""
 
-    block_b: int  # rows per program: forward and ∂x
-    block_c: int  # classes per tile: forward and ∂x
+    block_b: int  # rows per forward program
+    block_c: int  # classes per forward tile
     block_d: int  # D chunk of each tile's dot
     grad_x_block_b: int  # rows per ∂x program: its [rows, D_PAD] accumulator lives in registers
-    grad_w_block_b: int  # rows per tile of the ∂w kernel
+    grad_x_block_c: int  # classes per ∂x tile: a [classes, D_PAD] operand in shared memory
+    grad_w_block_b: int  # rows per ∂w tile: a [rows, D_PAD] operand in shared memory
     grad_w_block_c: int  # classes per ∂w program: its [classes, D_PAD] accumulator lives in registers
     d_pad: int
     programs: int  # aim for this many programs on the split-over-classes kernels
@@ -526,20 +527,26 @@ class _Launch:
         # fp32 inputs: three TF32 passes keep fp32 accuracy on tensor cores
         precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
         if not embeddings.is_cuda:
-            return cls(16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision,
+            return cls(16, 16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision,
                        dot_upcast=embeddings.dtype == torch.bfloat16)
-        # 16K fp32 accumulator elements = 64 registers per thread at 8 warps
-        accumulator_rows = max(16, min(128, 16384 // d_pad))
+        # Compiled for sm_90 by triton 3.9 at D = 128…512, these sizes stay within 255 registers per
+        # thread without spills: 16K fp32 accumulator elements (64 registers per thread at 8 warps)
+        # and 32K-element operands for 16-bit inputs; half of each for fp32, whose tf32x3 dots split
+        # every operand in two. Not yet timed on a GPU.
+        wide = embeddings.dtype == torch.float32
+        accumulator_rows = max(16, min(64, (8192 if wide else 16384) // d_pad))
+        operand_rows = max(16, min(64, (16384 if wide else 32768) // d_pad))
+        block_c, block_d = (64, 32) if wide else (128, 64)
         sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
-        return cls(128, 128, 64, accumulator_rows, 128, accumulator_rows, d_pad,
+        return cls(128, block_c, block_d, accumulator_rows, operand_rows, operand_rows, accumulator_rows, d_pad,
                    programs=4 * sms, num_warps=8, dot_precision=precision, dot_upcast=False)
 
-    def class_splits(self, batch: int, n_classes: int, block_b: int) -> tuple[int, int]:
+    def class_splits(self, batch: int, n_classes: int, block_b: int, block_c: int) -> tuple[int, int]:
         """(splits, classes per split): enough programs to fill the device when B is small."""
-        tiles = triton.cdiv(n_classes, self.block_c)
+        tiles = triton.cdiv(n_classes, block_c)
         splits = max(1, min(tiles, triton.cdiv(self.programs, triton.cdiv(batch, block_b))))
         tiles_per_split = triton.cdiv(tiles, splits)
-        return triton.cdiv(tiles, tiles_per_split), tiles_per_split * self.block_c
+        return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_c
 
 
 def _combine_splits(row_max: torch.Tensor, sum_exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -570,7 +577,7 @@ def _triton_forward(embeddings, weight, labels, class_index, margin):
         HAS_INDEX=has_index, ANGULAR=margin.angular, STRAIGHT_THROUGH=margin.straight_through,
         BLOCK_B=launch.block_b, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
 
-    splits, classes_per_split = launch.class_splits(batch, n_classes, launch.block_b)
+    splits, classes_per_split = launch.class_splits(batch, n_classes, launch.block_b, launch.block_c)
     split_max, split_sum = torch.empty(splits, batch, **f32), torch.empty(splits, batch, **f32)
     _lse_fwd_kernel[(triton.cdiv(batch, launch.block_b), splits)](
         embeddings, weight, labels, index, inv_x, inv_w, target_logit, split_max, split_sum,
@@ -595,12 +602,13 @@ def _triton_backward(embeddings, weight, labels, class_index, margin, lse, targe
     grad_x = grad_w = None
     if need_x:
         grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=embeddings.device)
-        splits, classes_per_split = launch.class_splits(batch, n_classes, launch.grad_x_block_b)
+        splits, classes_per_split = launch.class_splits(
+            batch, n_classes, launch.grad_x_block_b, launch.grad_x_block_c)
         _grad_embeddings_kernel[(triton.cdiv(batch, launch.grad_x_block_b), splits)](
             *per_row, grad_x, batch, n_classes, dim, classes_per_split, margin.s,
             HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
-            BLOCK_B=launch.grad_x_block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, D_PAD=launch.d_pad,
-            num_warps=launch.num_warps)
+            BLOCK_B=launch.grad_x_block_b, BLOCK_C=launch.grad_x_block_c, BLOCK_D=launch.block_d,
+            D_PAD=launch.d_pad, num_warps=launch.num_warps)
         grad_x = grad_x.to(embeddings.dtype)
     if need_w:
         grad_w = torch.zeros_like(weight)
