@@ -37,6 +37,11 @@ the combined statistics and gives this shard's gradients. No logits ever leave a
 
 Numerics: accumulation and the returned loss are float32 (float64 for float64 inputs on the torch
 path); the log-sum-exp keeps a running row maximum, so small ``s`` loses nothing to underflow.
+The gradient GEMMs take ∂L/∂cos rounded to the input dtype, as flash-attention backwards do.
+Against float64 (tests/kernels/test_margin_ce.py), loss and gradients agree to a relative 1e-4
+for fp32 inputs, 5e-3 for fp16 and 3e-2 for bf16 (gradients relative to their largest entry).
+The Triton path adds the class splits' shares of ∂embeddings with atomics, so that gradient is
+not bitwise reproducible; ∂weight and the loss are.
 """
 from __future__ import annotations
 
@@ -889,7 +894,9 @@ def margin_softmax_ce(
     rows of ``weight`` used this step). Defaults are ArcFace's (s = 64, m2 = 0.5); CosFace is
     ``m2=0, m3=0.35``. ``margin_grad`` is ``"exact"`` or ``"straight_through"`` (insightface).
     ``check_values=False`` skips the label-range and class_index-repeat checks, which read device
-    values (one host synchronisation). Returns float32 (float64 for float64 inputs).
+    values (one host synchronisation): for a step loop whose labels and class_index are known good
+    (out-of-range labels or repeated classes then give wrong numbers, not errors). Returns float32
+    (float64 for float64 inputs).
     """
     margin = _Margin.build(s, m1, m2, m3, margin_grad)
     _check_reduction(reduction)
