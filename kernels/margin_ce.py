@@ -523,28 +523,34 @@ class _Launch:
     @classmethod
     def build(cls, embeddings: torch.Tensor) -> "_Launch":
         dim = embeddings.shape[1]
-        d_pad = max(16, triton.next_power_of_2(dim))
-        if d_pad > TRITON_MAX_DIM:
+        if triton.next_power_of_2(dim) > TRITON_MAX_DIM:
             raise ValueError(
                 f"the Triton margin CE holds a [rows, D] accumulator on chip and takes D ≤ {TRITON_MAX_DIM}, "
                 f"got D = {dim}; use FACEKD_KERNEL_BACKEND=torch"
             )
-        # fp32 inputs: three TF32 passes keep fp32 accuracy on tensor cores
-        precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
         if not embeddings.is_cuda:
-            return cls(16, 16, 16, 16, 16, 16, 16, d_pad, programs=4, num_warps=4, dot_precision=precision,
-                       dot_upcast=embeddings.dtype == torch.bfloat16)
-        # Compiled for sm_90 by triton 3.9 at D = 128…512, these sizes stay within 255 registers per
-        # thread without spills: 16K fp32 accumulator elements (64 registers per thread at 8 warps)
-        # and 32K-element operands for 16-bit inputs; half of each for fp32, whose tf32x3 dots split
-        # every operand in two. Not yet timed on a GPU.
-        wide = embeddings.dtype == torch.float32
+            precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
+            return cls(16, 16, 16, 16, 16, 16, 16, max(16, triton.next_power_of_2(dim)), programs=4, num_warps=4,
+                       dot_precision=precision, dot_upcast=embeddings.dtype == torch.bfloat16)
+        sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
+        return cls.for_cuda(dim, embeddings.dtype, sms)
+
+    @classmethod
+    def for_cuda(cls, dim: int, dtype: torch.dtype, sms: int) -> "_Launch":
+        """Sizes for a CUDA device with ``sms`` multiprocessors.
+
+        Compiled for sm_90 by triton 3.9 at D = 128…512, these stay within 255 registers per thread
+        without spills: 16K fp32 accumulator elements (64 registers per thread at 8 warps) and
+        32K-element operands for 16-bit inputs; half of each for fp32, whose tf32x3 dots split
+        every operand in two. Not yet timed on a GPU.
+        """
+        d_pad = max(16, triton.next_power_of_2(dim))
+        wide = dtype == torch.float32
         accumulator_rows = max(16, min(64, (8192 if wide else 16384) // d_pad))
         operand_rows = max(16, min(64, (16384 if wide else 32768) // d_pad))
         block_c, block_d = (64, 32) if wide else (128, 64)
-        sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
         return cls(128, block_c, block_d, accumulator_rows, operand_rows, operand_rows, accumulator_rows, d_pad,
-                   programs=4 * sms, num_warps=8, dot_precision=precision, dot_upcast=False)
+                   programs=4 * sms, num_warps=8, dot_precision="tf32x3" if wide else "tf32", dot_upcast=False)
 
     def class_splits(self, batch: int, n_classes: int, block_b: int, block_c: int) -> tuple[int, int]:
         """(splits, classes per split): enough programs to fill the device when B is small."""

@@ -7,6 +7,8 @@ module.
 """
 import math
 import os
+import subprocess
+import sys
 
 # The Triton path runs in the CPU interpreter; it must be switched on before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -353,3 +355,65 @@ def test_shard_loss_checks_combined_stats():
     short = stats._replace(sum_exp=stats.sum_exp[:3])
     with pytest.raises(ValueError, match="combined.sum_exp must be a tensor of shape \\(4,\\)"):
         margin_ce_shard_loss(x, w, labels, short)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled path: the interpreter forgives what the compiler does not
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_FOR_HOPPER = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+import facekd.kernels.margin_ce as mc
+
+def signature(fn, dtype, constexprs):
+    types = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in ("x_ptr", "w_ptr", "rows_ptr", "grad_w_ptr"):
+            types[name] = "*" + dtype
+        elif name in ("labels_ptr", "index_ptr"):
+            types[name] = "*i64"
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name in ("batch", "n_classes", "dim", "classes_per_split", "n_rows"):
+            types[name] = "i32"
+        else:
+            types[name] = "fp32"
+    return types
+
+for torch_dtype, dtype in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    launch = mc._Launch.for_cuda(512, torch_dtype, sms=132)
+    dots = dict(DOT_PRECISION=launch.dot_precision, DOT_UPCAST=False)
+    for has_index in (False, True):
+        kernels = {
+            mc._inv_norm_kernel: dict(BLOCK_N=launch.block_b, BLOCK_D=launch.block_d),
+            mc._target_kernel: dict(ANGULAR=True, STRAIGHT_THROUGH=False, BLOCK_B=launch.block_b,
+                                    BLOCK_D=launch.block_d),
+            mc._lse_fwd_kernel: dict(**dots, BLOCK_B=launch.block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d),
+            mc._grad_embeddings_kernel: dict(**dots, BLOCK_B=launch.grad_x_block_b, BLOCK_C=launch.grad_x_block_c,
+                                             BLOCK_D=launch.block_d, D_PAD=launch.d_pad),
+            mc._grad_weight_kernel: dict(**dots, BLOCK_B=launch.grad_w_block_b, BLOCK_C=launch.grad_w_block_c,
+                                         BLOCK_D=launch.block_d, D_PAD=launch.d_pad),
+        }
+        for fn, constexprs in kernels.items():
+            constexprs = dict(constexprs, HAS_INDEX=has_index)
+            types = signature(fn, dtype, constexprs)
+            aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                       if types[name].startswith("*") or name == "dim"}
+            source = triton.compiler.ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=aligned)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": launch.num_warps})
+            print(fn.__name__, dtype, has_index, "shared memory", compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Every kernel compiles for sm_90 at D = 512 with the launcher's CUDA block sizes (no GPU needed)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("shared memory") == 20
