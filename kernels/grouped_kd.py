@@ -56,6 +56,8 @@ SELECTIONS = ("sample", "batch", "fixed")
 REDUCTIONS = ("mean", "sum", "none")
 # gkd_adaptive.py of the authors' code tries k = 1, 101, 201, … for the batch-wide k.
 BATCH_K_STEP = 100
+# The embedding kernels hold one whole embedding (padded to a power of two) per tile row.
+MAX_EMBEDDING_DIM = 1024
 
 
 class GroupedKDTerms(NamedTuple):
@@ -141,6 +143,22 @@ def _weight_rows(weight: float | torch.Tensor, name: str, like: torch.Tensor) ->
     return torch.full((batch_size,), float(weight), device=like.device, dtype=like.dtype)
 
 
+def _weight_matrix(
+    w_primary: float | torch.Tensor,
+    w_binary: float | torch.Tensor,
+    w_secondary: float | torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The three loss weights as a [3, B] float64 matrix for the Triton path."""
+    like = torch.empty(batch_size, dtype=torch.float64, device=device)
+    return torch.stack([
+        _weight_rows(w_primary, "w_primary", like),
+        _weight_rows(w_binary, "w_binary", like),
+        _weight_rows(w_secondary, "w_secondary", like),
+    ])
+
+
 def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return rows.mean()
@@ -170,9 +188,69 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # ranking at which the cumulative mass reaches τ: cum_m = G(lo), cum_{m−1} = G(hi), and GKD Eq. 3
 # picks k = m − 1 or m from these two numbers alone. ⌈log_{P+1}(2^32·C)⌉ passes always suffice;
 # rows already settled skip their tiles.
+#
+# Every kernel reads a network's logits through _logit_tile: from a [B, C] logits tensor, or
+# (FROM_EMBEDDINGS) as s·cos θ computed on chip from the embeddings [B, D] and the class centres
+# [C, D], both normalised on the fly, so that no B×C matrix is ever written. Each pass then
+# recomputes its logits: a GEMM tile per pass instead of a B×C buffer.
 
 NUM_PIVOTS = 16  # pivots per search pass: each pass divides the key interval by 17
 _LOWEST = tl.constexpr(-1.0e30)  # running max of an empty set; exp(_LOWEST − m) = 0 for real m
+_NORM_EPS = tl.constexpr(1.0e-12)  # as torch.nn.functional.normalize
+
+
+@triton.jit
+def _inverse_norm(rows):
+    """1 / max(‖row‖₂, eps) of each row of a [N, BLOCK_D] tile, in fp32."""
+    rows = rows.to(tl.float32)
+    return 1.0 / tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1)), _NORM_EPS)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b in fp32. DOT_PRECISION "upcast" multiplies fp32 copies: a workaround (2026-11) for the
+    Triton 3.9 interpreter, which multiplies bfloat16 tiles as their raw uint16 bits."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logit_tile(
+    source_ptr,  # [B, C] logits, or [B, D] embeddings if FROM_EMBEDDINGS
+    centres_ptr,  # [C, D] class centres (FROM_EMBEDDINGS only)
+    stride_source,
+    stride_centres,
+    dim,  # D (FROM_EMBEDDINGS only)
+    num_classes,  # C of this shard
+    logit_scale,  # s of s·cos θ (FROM_EMBEDDINGS only)
+    rows64,  # [BLOCK_B] int64
+    row_ok,  # [BLOCK_B] bool
+    cols,  # [BLOCK_C] int32, local class index
+    FROM_EMBEDDINGS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """[BLOCK_B, BLOCK_C] fp32 logits of one network; 0 outside the shard and the batch.
+
+    From embeddings: reads BLOCK_B·D + BLOCK_C·D numbers, one [BLOCK_B, D] × [D, BLOCK_C] dot,
+    and scales by s/(‖e‖·‖w‖); the cosines stay on chip.
+    """
+    col_ok = cols < num_classes
+    if FROM_EMBEDDINGS:
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < dim
+        embeddings = tl.load(source_ptr + rows64[:, None] * stride_source + dims[None, :],
+                             mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        centres = tl.load(centres_ptr + cols.to(tl.int64)[:, None] * stride_centres + dims[None, :],
+                          mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        dots = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
+        scale = logit_scale * _inverse_norm(embeddings)
+        return dots * scale[:, None] * _inverse_norm(centres)[None, :]
+    else:
+        return tl.load(source_ptr + rows64[:, None] * stride_source + cols[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -194,6 +272,15 @@ def _composite_key(
 
 
 @triton.jit
+def _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[BLOCK_B] int32 forced classes, or −1 (no class) without FORCE_TARGET."""
+    if FORCE_TARGET:
+        return tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    else:
+        return tl.full([BLOCK_B], -1, tl.int32)
+
+
+@triton.jit
 def _online_logsumexp(
     running_max,  # [BLOCK_B] fp32
     running_sum,  # [BLOCK_B] fp32, Σ exp(x − running_max) so far
@@ -210,24 +297,28 @@ def _online_logsumexp(
 
 @triton.jit
 def _row_stats_kernel(
-    student_ptr,  # [B, C] student logits of this shard
-    teacher_ptr,  # [B, C] teacher logits of this shard (read only if HAS_TEACHER)
-    stats_ptr,  # [chunks, B, 4] out: max and Σexp(· − max) of z_S/T, then of z_T/T
+    student_ptr, student_centres_ptr, stride_student, stride_student_centres, student_dim,
+    teacher_ptr, teacher_centres_ptr, stride_teacher, stride_teacher_centres, teacher_dim,
+    stats_ptr,  # [chunks, B, 4] fp32 out: max and Σexp(· − max) of z_S/T, then of z_T/T
     batch_size,
     num_classes,
-    stride_student,
-    stride_teacher,
+    logit_scale,
     inv_temperature,
     tiles_per_chunk,
     HAS_TEACHER: tl.constexpr,
+    FROM_EMBEDDINGS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Per-row log-partition of student and teacher over one chunk of classes.
 
-    Program (i, j) reads rows [i·BLOCK_B, (i+1)·BLOCK_B) over class chunk j (tiles_per_chunk
-    tiles of BLOCK_C) once and keeps only running (max, sum) per row on chip; the host combines
-    chunks and shards. Reads BLOCK_B × chunk logits per network; writes 4 floats per row.
+    Program (i, j) covers rows [i·BLOCK_B, (i+1)·BLOCK_B) and class chunk j (tiles_per_chunk
+    tiles of BLOCK_C), reading each logit once (see _logit_tile) and keeping only a running
+    (max, sum) per row on chip; the host combines chunks, shards and ranks. Writes 4 floats per
+    row and chunk.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < batch_size
@@ -242,13 +333,17 @@ def _row_stats_kernel(
     for tile in range(first_tile, last_tile):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < num_classes)[None, :]
-        student = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :], mask=ok,
-                          other=0.0).to(tl.float32) * inv_temperature
-        student_max, student_sum, _, _ = _online_logsumexp(student_max, student_sum, student, ok)
+        student = _logit_tile(student_ptr, student_centres_ptr, stride_student,
+                              stride_student_centres, student_dim, num_classes, logit_scale,
+                              rows64, row_ok, cols, FROM_EMBEDDINGS, BLOCK_DS, DOT_PRECISION)
+        student_max, student_sum, _, _ = _online_logsumexp(
+            student_max, student_sum, student * inv_temperature, ok)
         if HAS_TEACHER:
-            teacher = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
-                              mask=ok, other=0.0).to(tl.float32) * inv_temperature
-            teacher_max, teacher_sum, _, _ = _online_logsumexp(teacher_max, teacher_sum, teacher, ok)
+            teacher = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
+                                  stride_teacher_centres, teacher_dim, num_classes, logit_scale,
+                                  rows64, row_ok, cols, FROM_EMBEDDINGS, BLOCK_DT, DOT_PRECISION)
+            teacher_max, teacher_sum, _, _ = _online_logsumexp(
+                teacher_max, teacher_sum, teacher * inv_temperature, ok)
     out = stats_ptr + (chunk * batch_size + rows64) * 4
     tl.store(out, student_max, mask=row_ok)
     tl.store(out + 1, student_sum, mask=row_ok)
@@ -258,14 +353,17 @@ def _row_stats_kernel(
 
 @triton.jit
 def _class_mass_kernel(
-    student_ptr,  # [B, C] student logits of this shard
+    student_ptr, student_centres_ptr, stride_student, stride_student_centres, student_dim,
     log_partition_ptr,  # [B] fp32, log Σ_c exp(z_c) at T = 1 over all shards
     mass_ptr,  # [C] fp32 out: Σ_b softmax(z_b)_c
     batch_size,
     num_classes,
-    stride_student,
+    logit_scale,
+    FROM_EMBEDDINGS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Batch-summed student probabilities at T = 1 for one tile of classes (the authors'
     batch-wide k). Loops over all rows; keeps BLOCK_C sums on chip; writes C floats in total."""
@@ -275,19 +373,20 @@ def _class_mass_kernel(
     for first_row in range(0, batch_size, BLOCK_B):
         rows = first_row + tl.arange(0, BLOCK_B)
         row_ok = rows < batch_size
-        ok = row_ok[:, None] & col_ok[None, :]
-        student = tl.load(
-            student_ptr + rows.to(tl.int64)[:, None] * stride_student + cols[None, :], mask=ok,
-            other=0.0,
-        ).to(tl.float32)
+        student = _logit_tile(student_ptr, student_centres_ptr, stride_student,
+                              stride_student_centres, student_dim, num_classes, logit_scale,
+                              rows.to(tl.int64), row_ok, cols, FROM_EMBEDDINGS, BLOCK_DS,
+                              DOT_PRECISION)
         log_partition = tl.load(log_partition_ptr + rows, mask=row_ok, other=0.0)
-        total += tl.sum(tl.where(ok, tl.exp(student - log_partition[:, None]), 0.0), axis=0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        total += tl.sum(tl.exp(tl.where(ok, student - log_partition[:, None], _LOWEST)), axis=0)
     tl.store(mass_ptr + cols, total, mask=col_ok)
 
 
 @triton.jit
 def _pivot_kernel(
-    values_ptr,  # [R, C] ranked values of this shard: student logits, or class masses
+    # ranked values of this shard: student logits (or embeddings and centres), or class masses
+    values_ptr, values_centres_ptr, stride_values, stride_values_centres, values_dim,
     log_partition_ptr,  # [R] fp32, log Σ exp(z/T) over all shards (unused if VALUES_ARE_MASS)
     labels_ptr,  # [R] int32, global class forced first (read only if FORCE_TARGET)
     pivots_ptr,  # [R, NUM_PIVOTS] int64 composite keys
@@ -296,24 +395,27 @@ def _pivot_kernel(
     mass_ptr,  # [chunks, R, NUM_PIVOTS] fp32 out: G(pivot) = Σ_{key ≥ pivot} p̃ in the chunk
     num_rows,
     num_classes,
-    stride_values,
     class_offset,  # global index of this shard's first class
     num_classes_total,
+    logit_scale,
     inv_temperature,
     mass_scale,  # p̃ = value · mass_scale when VALUES_ARE_MASS
     tiles_per_chunk,
     VALUES_ARE_MASS: tl.constexpr,
     FORCE_TARGET: tl.constexpr,
+    FROM_EMBEDDINGS: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Count and probability mass of the classes ranked at or above each pivot (one search pass).
 
-    Program (i, j) reads its rows' pivots once, then the logits of class chunk j tile by tile; a
+    Program (i, j) reads its rows' pivots once, then the values of class chunk j tile by tile; a
     [BLOCK_B, BLOCK_C, NUM_PIVOTS] comparison is reduced over classes at once, so only the
     [BLOCK_B, NUM_PIVOTS] counts and masses stay on chip. A row block whose rows are all settled
-    reads nothing. Reads BLOCK_B × chunk values; writes 2·NUM_PIVOTS numbers per row.
+    reads nothing. Writes 2·NUM_PIVOTS numbers per row and chunk.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < num_rows
@@ -324,10 +426,7 @@ def _pivot_kernel(
                      mask=row_ok[:, None], other=0)
     active = tl.load(active_ptr + rows, mask=row_ok, other=0)
     log_partition = tl.load(log_partition_ptr + rows, mask=row_ok, other=0.0)
-    if FORCE_TARGET:
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    else:
-        labels = tl.full([BLOCK_B], -1, tl.int32)
+    labels = _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B)
     count = tl.zeros([BLOCK_B, NUM_PIVOTS], tl.int32)
     mass = tl.zeros([BLOCK_B, NUM_PIVOTS], tl.float32)
     first_tile = chunk * tiles_per_chunk
@@ -336,8 +435,9 @@ def _pivot_kernel(
     for tile in range(first_tile, last_tile):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < num_classes)[None, :]
-        values = tl.load(values_ptr + rows64[:, None] * stride_values + cols[None, :], mask=ok,
-                         other=0.0).to(tl.float32)
+        values = _logit_tile(values_ptr, values_centres_ptr, stride_values, stride_values_centres,
+                             values_dim, num_classes, logit_scale, rows64, row_ok, cols,
+                             FROM_EMBEDDINGS, BLOCK_DS, DOT_PRECISION)
         key = _composite_key(values, cols + class_offset, labels, num_classes_total, FORCE_TARGET)
         if VALUES_ARE_MASS:
             probability = values * mass_scale
@@ -372,8 +472,8 @@ def _group_update(
 
 @triton.jit
 def _group_stats_kernel(
-    student_ptr,  # [B, C] student logits of this shard
-    teacher_ptr,  # [B, C] teacher logits of this shard
+    student_ptr, student_centres_ptr, stride_student, stride_student_centres, student_dim,
+    teacher_ptr, teacher_centres_ptr, stride_teacher, stride_teacher_centres, teacher_dim,
     row_max_ptr,  # [B, 2] fp32, M_S and M_T: row maxima of z_S/T and z_T/T over all shards
     threshold_ptr,  # [B] int64, Φ = classes with key ≥ threshold
     labels_ptr,  # [B] int32, forced class (read only if FORCE_TARGET)
@@ -381,15 +481,18 @@ def _group_stats_kernel(
     size_ptr,  # [chunks, B, 2] int32 out: |Φ|, |Ψ|
     batch_size,
     num_classes,
-    stride_student,
-    stride_teacher,
     class_offset,
     num_classes_total,
+    logit_scale,
     inv_temperature,
     tiles_per_chunk,
     FORCE_TARGET: tl.constexpr,
+    FROM_EMBEDDINGS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Everything the loss needs from the classes, per group, in one read of both networks.
 
@@ -397,17 +500,14 @@ def _group_stats_kernel(
     overflows nor loses a group whose mass underflows at the row maximum), and
     Σ_g e^{z_T/T}·gap, from which KL(p̂^T ‖ p̂^S) = E_{p̂^T}[gap] − (LSE_T,g − M_T) + (LSE_S,g − M_S)
     (GKD Eq. 5, 10). Centring the gap by the row maxima keeps fp32 cancellation small. Twelve
-    numbers per row stay on chip; reads each logit of both networks once.
+    numbers per row stay on chip.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < batch_size
     rows64 = rows.to(tl.int64)
     chunk = tl.program_id(1)
     threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
-    if FORCE_TARGET:
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    else:
-        labels = tl.full([BLOCK_B], -1, tl.int32)
+    labels = _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B)
     student_row_max = tl.load(row_max_ptr + rows64 * 2, mask=row_ok, other=0.0)
     teacher_row_max = tl.load(row_max_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
     lowest = tl.full([BLOCK_B], _LOWEST, tl.float32)
@@ -422,10 +522,14 @@ def _group_stats_kernel(
     for tile in range(first_tile, last_tile):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < num_classes)[None, :]
-        student_logit = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :],
-                                mask=ok, other=0.0).to(tl.float32)
-        teacher_logit = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
-                                mask=ok, other=0.0).to(tl.float32)
+        student_logit = _logit_tile(student_ptr, student_centres_ptr, stride_student,
+                                    stride_student_centres, student_dim, num_classes,
+                                    logit_scale, rows64, row_ok, cols, FROM_EMBEDDINGS, BLOCK_DS,
+                                    DOT_PRECISION)
+        teacher_logit = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
+                                    stride_teacher_centres, teacher_dim, num_classes,
+                                    logit_scale, rows64, row_ok, cols, FROM_EMBEDDINGS, BLOCK_DT,
+                                    DOT_PRECISION)
         key = _composite_key(student_logit, cols + class_offset, labels, num_classes_total,
                              FORCE_TARGET)
         primary = key >= threshold[:, None]
@@ -455,7 +559,39 @@ def _group_stats_kernel(
 
 
 @triton.jit
-def _grouped_kd_backward_kernel(
+def _logit_grad(
+    student_logit,  # [BLOCK_B, BLOCK_C] fp32 z_S
+    teacher_logit,  # [BLOCK_B, BLOCK_C] fp32 z_T
+    cols,  # [BLOCK_C] int32, global class index
+    ok,  # [BLOCK_B, BLOCK_C] bool
+    threshold,  # [BLOCK_B] int64
+    labels,  # [BLOCK_B] int32
+    coefficients,  # [BLOCK_B] pointers to each row's [2, 4] coefficients
+    num_classes_total,
+    inv_temperature,
+    FORCE_TARGET: tl.constexpr,
+):
+    """∂loss/∂z_S of a tile, 0 outside it. For class j of group g (p̂ = renormalised in g,
+    p_g = group mass, q = teacher, w_Φ = w_P, w_Ψ = w_S):
+
+        ∂/∂z_j [w_P·KL(q̂‖p̂) + w_B·KL(q_b‖p_b) + w_S·KL(q̌‖p̌)]·T²
+            = T · [(w_g + w_B·(p_g − q_g)) · p̂_j − w_g · q̂_j]
+
+    The host folds T, the incoming gradient and the weights into a = T·g·(w_g + w_B(p_g − q_g))
+    and b = T·g·w_g, so a class costs two exponentials.
+    """
+    key = _composite_key(student_logit, cols, labels, num_classes_total, FORCE_TARGET)
+    pointers = coefficients[:, None] + tl.where(key >= threshold[:, None], 0, 4)  # Φ's or Ψ's
+    a = tl.load(pointers, mask=ok, other=0.0)
+    b = tl.load(pointers + 1, mask=ok, other=0.0)
+    student_log_partition = tl.load(pointers + 2, mask=ok, other=0.0)
+    teacher_log_partition = tl.load(pointers + 3, mask=ok, other=0.0)
+    return (a * tl.exp(tl.where(ok, student_logit * inv_temperature - student_log_partition, 0.0))
+            - b * tl.exp(tl.where(ok, teacher_logit * inv_temperature - teacher_log_partition, 0.0)))
+
+
+@triton.jit
+def _logits_backward_kernel(
     student_ptr,  # [B, C] student logits of this shard
     teacher_ptr,  # [B, C] teacher logits of this shard
     grad_ptr,  # [B, C] out: ∂loss/∂z_S, the student's dtype
@@ -474,46 +610,164 @@ def _grouped_kd_backward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Closed-form gradient of the grouped KD loss to the student logits, one tile per program.
-
-    For class j of group g (p̂ = renormalised in g, p_g = group mass, q = teacher):
-        ∂/∂z_j [w_P·KL(q̂‖p̂) + w_B·KL(q_b‖p_b) + w_S·KL(q̌‖p̌)]·T²
-            = T · [(w_g + w_B·(p_g − q_g)) · p̂_j − w_g · q̂_j]        (w_Φ = w_P, w_Ψ = w_S)
-    The host folds T, the incoming gradient and the weights into a = T·g·(w_g + w_B(p_g − q_g))
-    and b = T·g·w_g, so a class costs two exponentials. Reads both logits once; writes the
-    gradient once.
-    """
+    """Closed-form gradient to the student logits (see _logit_grad), one tile per program.
+    Reads both logits once; writes the gradient once."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < batch_size
     rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = row_ok[:, None] & (cols < num_classes)[None, :]
-    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
-    if FORCE_TARGET:
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    else:
-        labels = tl.full([BLOCK_B], -1, tl.int32)
-    coefficients = coefficients_ptr + rows64 * 8
     student_logit = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :],
                             mask=ok, other=0.0).to(tl.float32)
     teacher_logit = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :],
                             mask=ok, other=0.0).to(tl.float32)
-    key = _composite_key(student_logit, cols + class_offset, labels, num_classes_total,
-                         FORCE_TARGET)
-    group = tl.where(key >= threshold[:, None], 0, 4)  # offset of Φ's or Ψ's coefficients
-    pointers = coefficients[:, None] + group
-    a = tl.load(pointers, mask=ok, other=0.0)
-    b = tl.load(pointers + 1, mask=ok, other=0.0)
-    student_log_partition = tl.load(pointers + 2, mask=ok, other=0.0)
-    teacher_log_partition = tl.load(pointers + 3, mask=ok, other=0.0)
-    grad = (a * tl.exp(student_logit * inv_temperature - student_log_partition)
-            - b * tl.exp(teacher_logit * inv_temperature - teacher_log_partition))
+    grad = _logit_grad(
+        student_logit, teacher_logit, cols + class_offset, ok,
+        tl.load(threshold_ptr + rows, mask=row_ok, other=0),
+        _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B),
+        coefficients_ptr + rows64 * 8, num_classes_total, inv_temperature, FORCE_TARGET,
+    )
     tl.store(grad_ptr + rows64[:, None] * stride_grad + cols[None, :],
              grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _embedding_grad_kernel(
+    student_ptr, student_centres_ptr, stride_student, stride_student_centres, student_dim,
+    teacher_ptr, teacher_centres_ptr, stride_teacher, stride_teacher_centres, teacher_dim,
+    coefficients_ptr,  # [B, 2, 4] fp32, see _logit_grad
+    threshold_ptr,  # [B] int64
+    labels_ptr,  # [B] int32 (read only if FORCE_TARGET)
+    weighted_centres_ptr,  # [chunks, B, BLOCK_DS] fp32 out: Σ_c G_bc ŵ_c over the chunk
+    weighted_cosines_ptr,  # [chunks, B] fp32 out: Σ_c G_bc cos_bc over the chunk
+    batch_size,
+    num_classes,
+    class_offset,
+    num_classes_total,
+    logit_scale,
+    inv_temperature,
+    tiles_per_chunk,
+    FORCE_TARGET: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The two sums of ∂loss/∂e_S over one class chunk, G = ∂loss/∂z_S recomputed tile by tile.
+
+    z = s·cos θ = s·ê·ŵ gives ∂loss/∂e_b = (s/‖e_b‖)·(Σ_c G_bc ŵ_c − (Σ_c G_bc cos_bc)·ê_b); the
+    host finishes it from these partial sums. Per tile: two logit dots (student, teacher) and one
+    [BLOCK_B, BLOCK_C] × [BLOCK_C, D] dot; a [BLOCK_B, D] accumulator stays on chip.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch_size
+    rows64 = rows.to(tl.int64)
+    chunk = tl.program_id(1)
+    dims = tl.arange(0, BLOCK_DS)
+    dim_ok = dims < student_dim
+    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
+    labels = _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B)
+    embeddings = tl.load(student_ptr + rows64[:, None] * stride_student + dims[None, :],
+                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    embedding_scale = _inverse_norm(embeddings)
+    weighted_centres = tl.zeros([BLOCK_B, BLOCK_DS], tl.float32)
+    weighted_cosines = tl.zeros([BLOCK_B], tl.float32)
+    first_tile = chunk * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(num_classes, BLOCK_C))
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < num_classes
+        ok = row_ok[:, None] & col_ok[None, :]
+        centres = tl.load(
+            student_centres_ptr + cols.to(tl.int64)[:, None] * stride_student_centres + dims[None, :],
+            mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        unit_centres = centres.to(tl.float32) * _inverse_norm(centres)[:, None]
+        cosines = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
+        cosines = cosines * embedding_scale[:, None] * _inverse_norm(centres)[None, :]
+        teacher_logit = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
+                                    stride_teacher_centres, teacher_dim, num_classes,
+                                    logit_scale, rows64, row_ok, cols, True, BLOCK_DT,
+                                    DOT_PRECISION)
+        grad = _logit_grad(cosines * logit_scale, teacher_logit, cols + class_offset, ok,
+                           threshold, labels, coefficients_ptr + rows64 * 8, num_classes_total,
+                           inv_temperature, FORCE_TARGET)
+        weighted_centres += _dot(grad, unit_centres, DOT_PRECISION)
+        weighted_cosines += tl.sum(grad * cosines, axis=1)
+    out = (chunk * batch_size + rows64)
+    tl.store(weighted_centres_ptr + out[:, None] * BLOCK_DS + dims[None, :], weighted_centres,
+             mask=row_ok[:, None])
+    tl.store(weighted_cosines_ptr + out, weighted_cosines, mask=row_ok)
+
+
+@triton.jit
+def _centre_grad_kernel(
+    student_ptr, student_centres_ptr, stride_student, stride_student_centres, student_dim,
+    teacher_ptr, teacher_centres_ptr, stride_teacher, stride_teacher_centres, teacher_dim,
+    coefficients_ptr,  # [B, 2, 4] fp32, see _logit_grad
+    threshold_ptr,  # [B] int64
+    labels_ptr,  # [B] int32 (read only if FORCE_TARGET)
+    grad_ptr,  # [C, D] out: ∂loss/∂w_S, the centres' dtype
+    stride_grad,
+    batch_size,
+    num_classes,
+    class_offset,
+    num_classes_total,
+    logit_scale,
+    inv_temperature,
+    FORCE_TARGET: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """∂loss/∂w_c = (s/‖w_c‖)·(Σ_b G_bc ê_b − (Σ_b G_bc cos_bc)·ŵ_c) for one tile of classes.
+
+    Loops over every row block, recomputing G = ∂loss/∂z_S; a [BLOCK_C, D] accumulator stays on
+    chip and each centre's gradient is written once.
+    """
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < num_classes
+    dims = tl.arange(0, BLOCK_DS)
+    dim_ok = dims < student_dim
+    centres = tl.load(
+        student_centres_ptr + cols.to(tl.int64)[:, None] * stride_student_centres + dims[None, :],
+        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    centre_scale = _inverse_norm(centres)
+    weighted_embeddings = tl.zeros([BLOCK_C, BLOCK_DS], tl.float32)
+    weighted_cosines = tl.zeros([BLOCK_C], tl.float32)
+    for first_row in range(0, batch_size, BLOCK_B):
+        rows = first_row + tl.arange(0, BLOCK_B)
+        row_ok = rows < batch_size
+        rows64 = rows.to(tl.int64)
+        ok = row_ok[:, None] & col_ok[None, :]
+        embeddings = tl.load(student_ptr + rows64[:, None] * stride_student + dims[None, :],
+                             mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        embedding_scale = _inverse_norm(embeddings)
+        cosines = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
+        cosines = cosines * embedding_scale[:, None] * centre_scale[None, :]
+        teacher_logit = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
+                                    stride_teacher_centres, teacher_dim, num_classes,
+                                    logit_scale, rows64, row_ok, cols, True, BLOCK_DT,
+                                    DOT_PRECISION)
+        grad = _logit_grad(cosines * logit_scale, teacher_logit, cols + class_offset, ok,
+                           tl.load(threshold_ptr + rows, mask=row_ok, other=0),
+                           _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B),
+                           coefficients_ptr + rows64 * 8, num_classes_total, inv_temperature,
+                           FORCE_TARGET)
+        unit_embeddings = embeddings.to(tl.float32) * embedding_scale[:, None]
+        weighted_embeddings += _dot(tl.trans(grad), unit_embeddings, DOT_PRECISION)
+        weighted_cosines += tl.sum(grad * cosines, axis=0)
+    unit_centres = centres.to(tl.float32) * centre_scale[:, None]
+    grad_centres = (logit_scale * centre_scale)[:, None] * (
+        weighted_embeddings - weighted_cosines[:, None] * unit_centres)
+    tl.store(grad_ptr + cols.to(tl.int64)[:, None] * stride_grad + dims[None, :],
+             grad_centres.to(grad_ptr.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
+
+
 # ---------------------------------------------------------------------------------------------
-# Host launchers: grids, chunking, combination across chunks and shards
+# Host launchers: grids, chunking, combination across chunks, shards and ranks
 # ---------------------------------------------------------------------------------------------
 
 AllReduce = Callable[[torch.Tensor, str], None]
@@ -531,11 +785,69 @@ class _Plan:
     class_offsets: tuple[int, ...]  # global index of each local shard's first class
     num_classes: int  # C over all shards and ranks
     all_reduce: AllReduce | None  # in-place (tensor, "sum" | "max") across ranks, or None
+    logit_scale: float | None = None  # s of s·cos θ: the inputs are embeddings and centres
 
 
-def _block_sizes(batch_size: int, num_classes: int) -> tuple[int, int]:
-    block_b = 4 if triton_interpreted() else 8
-    return min(block_b, triton.next_power_of_2(batch_size)), min(128, triton.next_power_of_2(num_classes))
+@dataclass(frozen=True)
+class _Shard:
+    """One class shard as the kernels read it: both networks' logits [B, C], or (with centres)
+    their embeddings [B, D] and this shard's class centres [C, D]."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    class_offset: int
+    student_centres: torch.Tensor | None = None
+    teacher_centres: torch.Tensor | None = None
+
+    @property
+    def from_embeddings(self) -> bool:
+        return self.student_centres is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.student_centres.shape[0] if self.from_embeddings else self.student.shape[1]
+
+    def student_args(self) -> tuple:
+        return _network_args(self.student, self.student_centres)
+
+    def teacher_args(self) -> tuple:
+        return _network_args(self.teacher, self.teacher_centres)
+
+    def blocks(self) -> dict:
+        """Tile sizes and dot precision for the kernels that read this shard."""
+        if self.from_embeddings:
+            return dict(
+                BLOCK_B=16,  # tl.dot needs 16 rows at least
+                BLOCK_C=32 if triton_interpreted() else 64,
+                BLOCK_DS=max(16, triton.next_power_of_2(self.student.shape[1])),
+                BLOCK_DT=max(16, triton.next_power_of_2(self.teacher.shape[1])),
+                DOT_PRECISION=_dot_precision(self.student.dtype),
+            )
+        block_b = 4 if triton_interpreted() else 8
+        return dict(
+            BLOCK_B=min(block_b, triton.next_power_of_2(self.batch_size)),
+            BLOCK_C=min(128, triton.next_power_of_2(self.num_classes)),
+            BLOCK_DS=16, BLOCK_DT=16, DOT_PRECISION="tf32",  # unused without embeddings
+        )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 embeddings: three TF32 passes keep fp32 accuracy for the cosines the selection ranks;
+    16-bit ones use their native tensor-core dot (see _dot for "upcast")."""
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "upcast" if triton_interpreted() and dtype == torch.bfloat16 else "tf32"
+
+
+def _network_args(source: torch.Tensor, centres: torch.Tensor | None) -> tuple:
+    """(source, centres, source row stride, centres row stride, D) as the kernels take them."""
+    if centres is None:
+        return source, source, source.stride(0), 0, 0
+    return source, centres, source.stride(0), centres.stride(0), centres.shape[1]
 
 
 def _chunking(batch_size: int, num_classes: int, block_b: int, block_c: int) -> tuple[int, int]:
@@ -568,23 +880,20 @@ def _combine_log_partitions(
 
 
 def _row_stats(
-    students: Sequence[torch.Tensor],
-    teachers: Sequence[torch.Tensor] | None,
-    temperature: float,
-    plan: _Plan,
+    shards: Sequence[_Shard], temperature: float, plan: _Plan, *, with_teacher: bool
 ) -> torch.Tensor:
-    """[B, 4] float64: max and log Σ exp of z_S/T, then of z_T/T (teacher columns 0 without)."""
+    """[B, 4] float64: max and log Σ exp of z_S/T, then of z_T/T (−inf without the teacher)."""
     partials = []
-    for index, student in enumerate(students):
-        batch_size, num_classes = student.shape
-        teacher = student if teachers is None else teachers[index]
-        block_b, block_c = _block_sizes(batch_size, num_classes)
-        chunks, tiles_per_chunk = _chunking(batch_size, num_classes, block_b, block_c)
-        stats = torch.empty(chunks, batch_size, 4, device=student.device, dtype=torch.float32)
-        _row_stats_kernel[(triton.cdiv(batch_size, block_b), chunks)](
-            student, teacher, stats, batch_size, num_classes, student.stride(0), teacher.stride(0),
-            1.0 / temperature, tiles_per_chunk,
-            HAS_TEACHER=teachers is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+    for shard in shards:
+        blocks = shard.blocks()
+        batch_size = shard.batch_size
+        chunks, tiles_per_chunk = _chunking(batch_size, shard.num_classes, blocks["BLOCK_B"],
+                                            blocks["BLOCK_C"])
+        stats = torch.empty(chunks, batch_size, 4, device=shard.student.device, dtype=torch.float32)
+        _row_stats_kernel[(triton.cdiv(batch_size, blocks["BLOCK_B"]), chunks)](
+            *shard.student_args(), *shard.teacher_args(), stats, batch_size, shard.num_classes,
+            plan.logit_scale or 1.0, 1.0 / temperature, tiles_per_chunk,
+            HAS_TEACHER=with_teacher, FROM_EMBEDDINGS=shard.from_embeddings, **blocks,
         )
         partials.append(stats)
     stats = torch.cat(partials).double()
@@ -605,35 +914,50 @@ def _search_passes(num_classes_total: int) -> int:
 
 
 def _pivot_counts(
-    values: Sequence[torch.Tensor],  # per local shard [R, C_shard]
+    shards: Sequence[_Shard],
     pivots: torch.Tensor,  # [R, NUM_PIVOTS] int64
     active: torch.Tensor,  # [R] bool
     plan: _Plan,
     *,
-    log_partition: torch.Tensor | None = None,  # [R] log Σ exp(z/T), for logits
-    mass_scale: float | None = None,  # p̃ = value · mass_scale, for class masses
-    labels: torch.Tensor | None = None,  # [R] int32 forced classes
+    log_partition: torch.Tensor | None = None,  # [B] log Σ exp(z_S/T): rank the student logits
+    labels: torch.Tensor | None = None,  # [B] int32 forced classes
+    class_masses: Sequence[torch.Tensor] | None = None,  # per shard [1, C]: rank these instead
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """N(pivot) and G(pivot) [R, NUM_PIVOTS] (float64) over every class of every shard and rank."""
+    """N(pivot) and G(pivot) [R, NUM_PIVOTS] (float64) over every class of every shard and rank.
+
+    Ranks the student's logits with p̃ = softmax(z_S/T), or, given ``class_masses`` (one row),
+    the batch-summed probabilities with p̃ = mass / B.
+    """
     num_rows = pivots.shape[0]
-    partials = []
     active_flags = active.to(torch.int8)
-    log_partition_arg = (log_partition.float() if log_partition is not None
-                         else torch.zeros(num_rows, device=pivots.device))
-    for shard, class_offset in zip(values, plan.class_offsets):
-        num_classes = shard.shape[1]
-        block_b, block_c = _block_sizes(num_rows, num_classes)
-        chunks, tiles_per_chunk = _chunking(num_rows, num_classes, block_b, block_c)
-        counts = torch.empty(chunks, num_rows, NUM_PIVOTS, device=shard.device, dtype=torch.int32)
-        masses = torch.empty(chunks, num_rows, NUM_PIVOTS, device=shard.device, dtype=torch.float32)
-        _pivot_kernel[(triton.cdiv(num_rows, block_b), chunks)](
-            shard, log_partition_arg, active_flags if labels is None else labels, pivots,
-            active_flags, counts, masses, num_rows, num_classes, shard.stride(0), class_offset,
-            plan.num_classes, 1.0 / plan.temperature, mass_scale or 0.0, tiles_per_chunk,
-            VALUES_ARE_MASS=mass_scale is not None, FORCE_TARGET=labels is not None,
-            NUM_PIVOTS=NUM_PIVOTS, BLOCK_B=block_b, BLOCK_C=block_c,
+    partials = []
+    for index, shard in enumerate(shards):
+        blocks = shard.blocks()
+        if class_masses is None:
+            values_args, from_embeddings = shard.student_args(), shard.from_embeddings
+            row_values = log_partition
+            mass_scale = 0.0
+        else:
+            masses = class_masses[index]
+            values_args, from_embeddings = _network_args(masses, None), False
+            row_values = torch.zeros(1, device=masses.device)
+            mass_scale = 1.0 / shard.batch_size
+            blocks.update(BLOCK_B=1, BLOCK_C=min(128, triton.next_power_of_2(shard.num_classes)))
+        chunks, tiles_per_chunk = _chunking(num_rows, shard.num_classes, blocks["BLOCK_B"],
+                                            blocks["BLOCK_C"])
+        device = pivots.device
+        counts = torch.empty(chunks, num_rows, NUM_PIVOTS, device=device, dtype=torch.int32)
+        masses_above = torch.empty(chunks, num_rows, NUM_PIVOTS, device=device, dtype=torch.float32)
+        blocks.pop("BLOCK_DT")
+        _pivot_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]), chunks)](
+            *values_args, row_values, active_flags if labels is None else labels, pivots,
+            active_flags, counts, masses_above, num_rows, shard.num_classes, shard.class_offset,
+            plan.num_classes, plan.logit_scale or 1.0, 1.0 / plan.temperature, mass_scale,
+            tiles_per_chunk, VALUES_ARE_MASS=class_masses is not None,
+            FORCE_TARGET=labels is not None, FROM_EMBEDDINGS=from_embeddings,
+            NUM_PIVOTS=NUM_PIVOTS, **blocks,
         )
-        partials.append(torch.stack([counts.double().sum(0), masses.double().sum(0)]))
+        partials.append(torch.stack([counts.double().sum(0), masses_above.double().sum(0)]))
     totals = _reduce_across_ranks(torch.stack(partials).sum(0), "sum", plan)
     return totals[0], totals[1]
 
@@ -695,46 +1019,46 @@ def _search(
     return state
 
 
-def _batch_k_tensor(students: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor:
+def _batch_k_tensor(shards: Sequence[_Shard], plan: _Plan) -> torch.Tensor:
     """The authors' batch-wide k (see :func:`_batch_k`) as a device scalar, found by the search."""
-    log_partition = _row_stats(students, None, 1.0, plan)[:, 1].float()
-    batch_size = students[0].shape[0]
-    masses = []
-    for student in students:
-        num_classes = student.shape[1]
-        block_b, block_c = _block_sizes(batch_size, num_classes)
-        mass = torch.empty(1, num_classes, device=student.device, dtype=torch.float32)
-        _class_mass_kernel[(triton.cdiv(num_classes, block_c),)](
-            student, log_partition, mass, batch_size, num_classes, student.stride(0),
-            BLOCK_B=block_b, BLOCK_C=block_c,
+    log_partition = _row_stats(shards, 1.0, plan, with_teacher=False)[:, 1].float()
+    class_masses = []
+    for shard in shards:
+        blocks = shard.blocks()
+        mass = torch.empty(1, shard.num_classes, device=shard.student.device, dtype=torch.float32)
+        _class_mass_kernel[(triton.cdiv(shard.num_classes, blocks["BLOCK_C"]),)](
+            *shard.student_args(), log_partition, mass, shard.batch_size, shard.num_classes,
+            plan.logit_scale or 1.0, FROM_EMBEDDINGS=shard.from_embeddings,
+            BLOCK_B=blocks["BLOCK_B"], BLOCK_C=blocks["BLOCK_C"], BLOCK_DS=blocks["BLOCK_DS"],
+            DOT_PRECISION=blocks["DOT_PRECISION"],
         )
-        masses.append(mass)
+        class_masses.append(mass)
 
     def evaluate(pivots: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pivot_counts(masses, pivots, active, plan, mass_scale=1.0 / batch_size)
+        return _pivot_counts(shards, pivots, active, plan, class_masses=class_masses)
 
-    state = _search(evaluate, 1, plan, students[0].device, tau=plan.tau)
+    state = _search(evaluate, 1, plan, shards[0].student.device, tau=plan.tau)
     first = state.count_hi + 1  # 1-based position at which the batch mass reaches τ·B
     k = 1 + BATCH_K_STEP * torch.ceil((first - 1) / BATCH_K_STEP)
     return torch.where(k < plan.num_classes, k, float(plan.num_classes))
 
 
 def _primary_threshold(
-    students: Sequence[torch.Tensor],
+    shards: Sequence[_Shard],
     log_partition: torch.Tensor,  # [B] log Σ exp(z_S/T)
     labels: torch.Tensor | None,  # [B] int32
     plan: _Plan,
 ) -> torch.Tensor:
     """[B] int64 composite key: Φ = the classes whose key is at least this (GKD Eq. 2–3)."""
-    batch_size = students[0].shape[0]
-    device = students[0].device
+    batch_size = shards[0].batch_size
+    device = shards[0].student.device
     if (plan.selection == "sample" and plan.tau >= 1.0) or (
         plan.selection == "fixed" and plan.k >= plan.num_classes
     ):
         return torch.zeros(batch_size, dtype=torch.int64, device=device)  # every class
 
     def evaluate(pivots: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pivot_counts(students, pivots, active, plan, log_partition=log_partition,
+        return _pivot_counts(shards, pivots, active, plan, log_partition=log_partition,
                              labels=labels)
 
     if plan.selection == "sample":
@@ -745,13 +1069,12 @@ def _primary_threshold(
     if plan.selection == "fixed":
         target = torch.full((batch_size,), float(plan.k), dtype=torch.float64, device=device)
     else:
-        target = _batch_k_tensor(students, plan).expand(batch_size)
+        target = _batch_k_tensor(shards, plan).expand(batch_size)
     return _search(evaluate, batch_size, plan, device, target_count=target).lo
 
 
 def _group_stats(
-    students: Sequence[torch.Tensor],
-    teachers: Sequence[torch.Tensor],
+    shards: Sequence[_Shard],
     row_max: torch.Tensor,  # [B, 2] fp32
     threshold: torch.Tensor,  # [B] int64
     labels: torch.Tensor | None,
@@ -759,17 +1082,20 @@ def _group_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 2, 5] float64 combined group statistics and [B, 2] group sizes, groups (Φ, Ψ)."""
     stat_parts, size_parts = [], []
-    for student, teacher, class_offset in zip(students, teachers, plan.class_offsets):
-        batch_size, num_classes = student.shape
-        block_b, block_c = _block_sizes(batch_size, num_classes)
-        chunks, tiles_per_chunk = _chunking(batch_size, num_classes, block_b, block_c)
-        stats = torch.empty(chunks, batch_size, 2, 5, device=student.device, dtype=torch.float32)
-        sizes = torch.empty(chunks, batch_size, 2, device=student.device, dtype=torch.int32)
-        _group_stats_kernel[(triton.cdiv(batch_size, block_b), chunks)](
-            student, teacher, row_max, threshold, threshold if labels is None else labels, stats,
-            sizes, batch_size, num_classes, student.stride(0), teacher.stride(0), class_offset,
-            plan.num_classes, 1.0 / plan.temperature, tiles_per_chunk,
-            FORCE_TARGET=labels is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+    for shard in shards:
+        blocks = shard.blocks()
+        batch_size = shard.batch_size
+        chunks, tiles_per_chunk = _chunking(batch_size, shard.num_classes, blocks["BLOCK_B"],
+                                            blocks["BLOCK_C"])
+        device = shard.student.device
+        stats = torch.empty(chunks, batch_size, 2, 5, device=device, dtype=torch.float32)
+        sizes = torch.empty(chunks, batch_size, 2, device=device, dtype=torch.int32)
+        _group_stats_kernel[(triton.cdiv(batch_size, blocks["BLOCK_B"]), chunks)](
+            *shard.student_args(), *shard.teacher_args(), row_max, threshold,
+            threshold if labels is None else labels, stats, sizes, batch_size, shard.num_classes,
+            shard.class_offset, plan.num_classes, plan.logit_scale or 1.0,
+            1.0 / plan.temperature, tiles_per_chunk, FORCE_TARGET=labels is not None,
+            FROM_EMBEDDINGS=shard.from_embeddings, **blocks,
         )
         stat_parts.append(stats)
         size_parts.append(sizes)
@@ -791,16 +1117,15 @@ class _Forward(NamedTuple):
 
 
 def _grouped_kd_forward(
-    students: Sequence[torch.Tensor],
-    teachers: Sequence[torch.Tensor],
+    shards: Sequence[_Shard],
     weights: torch.Tensor,  # [3, B] float64: w_primary, w_binary, w_secondary
     labels: torch.Tensor | None,  # [B] int32
     plan: _Plan,
 ) -> _Forward:
-    row_stats = _row_stats(students, teachers, plan.temperature, plan)
-    threshold = _primary_threshold(students, row_stats[:, 1].float(), labels, plan)
+    row_stats = _row_stats(shards, plan.temperature, plan, with_teacher=True)
+    threshold = _primary_threshold(shards, row_stats[:, 1].float(), labels, plan)
     row_max = row_stats[:, [0, 2]].float().contiguous()
-    stats, sizes = _group_stats(students, teachers, row_max, threshold, labels, plan)
+    stats, sizes = _group_stats(shards, row_max, threshold, labels, plan)
     student_max, student_sum, teacher_max, teacher_sum, cross = stats.unbind(-1)
     student_lse = student_max + student_sum.log()  # [B, 2]; −inf for an empty group
     teacher_lse = teacher_max + teacher_sum.log()
@@ -819,7 +1144,7 @@ def _grouped_kd_forward(
     w_primary, w_binary, w_secondary = weights
     rows = (w_primary * group_kl[:, 0] + w_binary * binary + w_secondary * group_kl[:, 1])
     rows = rows * plan.temperature**2  # GKD Eq. 11 with Hinton's T²
-    # gradient coefficients per unit incoming gradient (see _grouped_kd_backward_kernel)
+    # gradient coefficients per unit incoming gradient (see _logit_grad)
     student_mass = torch.where(present, student_log_mass.exp(), 0.0)
     group_weight = torch.stack([w_primary, w_secondary], dim=1)
     a = plan.temperature * (group_weight + w_binary[:, None] * (student_mass - teacher_mass))
@@ -828,29 +1153,66 @@ def _grouped_kd_forward(
     return _Forward(rows.float(), coefficients, threshold)
 
 
-def _grouped_kd_backward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    class_offset: int,
-    coefficients: torch.Tensor,  # [B, 2, 4] per unit incoming gradient
-    grad_rows: torch.Tensor,  # [B]
+def _logits_backward(
+    shard: _Shard,
+    coefficients: torch.Tensor,  # [B, 2, 4], already times the incoming gradient
     threshold: torch.Tensor,
     labels: torch.Tensor | None,
     plan: _Plan,
 ) -> torch.Tensor:
+    """∂loss/∂student logits of one shard [B, C]."""
+    student, teacher = shard.student, shard.teacher
     batch_size, num_classes = student.shape
-    scaled = coefficients.clone()
-    scaled[..., :2] *= grad_rows.float()[:, None, None]
     grad = torch.empty_like(student)
-    block_b, block_c = _block_sizes(batch_size, num_classes)
-    grid = (triton.cdiv(batch_size, block_b), triton.cdiv(num_classes, block_c))
-    _grouped_kd_backward_kernel[grid](
-        student, teacher, grad, scaled, threshold, threshold if labels is None else labels,
+    blocks = shard.blocks()
+    grid = (triton.cdiv(batch_size, blocks["BLOCK_B"]), triton.cdiv(num_classes, blocks["BLOCK_C"]))
+    _logits_backward_kernel[grid](
+        student, teacher, grad, coefficients, threshold, threshold if labels is None else labels,
         batch_size, num_classes, student.stride(0), teacher.stride(0), grad.stride(0),
-        class_offset, plan.num_classes, 1.0 / plan.temperature,
-        FORCE_TARGET=labels is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+        shard.class_offset, plan.num_classes, 1.0 / plan.temperature,
+        FORCE_TARGET=labels is not None, BLOCK_B=blocks["BLOCK_B"], BLOCK_C=blocks["BLOCK_C"],
     )
     return grad
+
+
+def _embeddings_backward(
+    shard: _Shard,
+    coefficients: torch.Tensor,  # [B, 2, 4], already times the incoming gradient
+    threshold: torch.Tensor,
+    labels: torch.Tensor | None,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂loss/∂student embeddings [B, D] (this shard's classes only) and ∂loss/∂centres [C, D]."""
+    blocks = shard.blocks()
+    batch_size, num_classes = shard.batch_size, shard.num_classes
+    embeddings = shard.student
+    device = embeddings.device
+    forced = threshold if labels is None else labels
+    chunks, tiles_per_chunk = _chunking(batch_size, num_classes, blocks["BLOCK_B"],
+                                        blocks["BLOCK_C"])
+    weighted_centres = torch.empty(chunks, batch_size, blocks["BLOCK_DS"], device=device,
+                                   dtype=torch.float32)
+    weighted_cosines = torch.empty(chunks, batch_size, device=device, dtype=torch.float32)
+    _embedding_grad_kernel[(triton.cdiv(batch_size, blocks["BLOCK_B"]), chunks)](
+        *shard.student_args(), *shard.teacher_args(), coefficients, threshold, forced,
+        weighted_centres, weighted_cosines, batch_size, num_classes, shard.class_offset,
+        plan.num_classes, plan.logit_scale, 1.0 / plan.temperature, tiles_per_chunk,
+        FORCE_TARGET=labels is not None, **blocks,
+    )
+    # ∂/∂e_b = (s/‖e_b‖)·(Σ_c G_bc ŵ_c − (Σ_c G_bc cos_bc)·ê_b); [B, D] work, no C in it
+    inverse_norm = 1.0 / torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float32).clamp(
+        min=1e-12)
+    unit = embeddings.float() * inverse_norm[:, None]
+    grad_embeddings = (plan.logit_scale * inverse_norm)[:, None] * (
+        weighted_centres.sum(0)[:, :embeddings.shape[1]] - weighted_cosines.sum(0)[:, None] * unit)
+    grad_centres = torch.empty_like(shard.student_centres)
+    _centre_grad_kernel[(triton.cdiv(num_classes, blocks["BLOCK_C"]),)](
+        *shard.student_args(), *shard.teacher_args(), coefficients, threshold, forced,
+        grad_centres, grad_centres.stride(0), batch_size, num_classes, shard.class_offset,
+        plan.num_classes, plan.logit_scale, 1.0 / plan.temperature,
+        FORCE_TARGET=labels is not None, **blocks,
+    )
+    return grad_embeddings.to(embeddings.dtype), grad_centres
 
 
 # ---------------------------------------------------------------------------------------------
@@ -858,31 +1220,43 @@ def _grouped_kd_backward(
 # ---------------------------------------------------------------------------------------------
 
 
+def _shards(plan: _Plan, tensors: Sequence[torch.Tensor]) -> list[_Shard]:
+    """The shards of a _GroupedKDFunction's tensor inputs: student logit shards then teacher
+    logit shards, or (logit_scale set) student embeddings, student centres, teacher embeddings,
+    teacher centres of one shard."""
+    if plan.logit_scale is not None:
+        student, student_centres, teacher, teacher_centres = tensors
+        return [_Shard(student, teacher, plan.class_offsets[0], student_centres, teacher_centres)]
+    count = len(tensors) // 2
+    return [_Shard(student, teacher, offset)
+            for student, teacher, offset in zip(tensors[:count], tensors[count:], plan.class_offsets)]
+
+
 class _GroupedKDFunction(torch.autograd.Function):
-    """Per-sample grouped KD [B] over class shards; gradient to the student shards only."""
+    """Per-sample grouped KD [B] over class shards; gradient to the student's inputs only."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, weights: torch.Tensor, labels: torch.Tensor | None,
-                *logits: torch.Tensor) -> torch.Tensor:
-        shards = len(logits) // 2
-        students, teachers = logits[:shards], logits[shards:]
-        result = _grouped_kd_forward(students, teachers, weights, labels, plan)
+                *tensors: torch.Tensor) -> torch.Tensor:
+        result = _grouped_kd_forward(_shards(plan, tensors), weights, labels, plan)
         ctx.plan = plan
-        ctx.save_for_backward(result.coefficients, result.threshold, labels, *logits)
+        ctx.save_for_backward(result.coefficients, result.threshold, labels, *tensors)
         return result.rows
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
-        coefficients, threshold, labels, *logits = ctx.saved_tensors
-        shards = len(logits) // 2
-        grads = [
-            _grouped_kd_backward(student, teacher, offset, coefficients, grad_rows, threshold,
-                                 labels, ctx.plan) if ctx.needs_input_grad[3 + index] else None
-            for index, (student, teacher, offset) in enumerate(
-                zip(logits[:shards], logits[shards:], ctx.plan.class_offsets)
-            )
-        ]
-        return (None, None, None, *grads, *([None] * shards))
+        coefficients, threshold, labels, *tensors = ctx.saved_tensors
+        plan = ctx.plan
+        scaled = coefficients.clone()
+        scaled[..., :2] *= grad_rows.float()[:, None, None]
+        shards = _shards(plan, tensors)
+        if plan.logit_scale is not None:
+            grad_embeddings, grad_centres = _embeddings_backward(shards[0], scaled, threshold,
+                                                                 labels, plan)
+            return None, None, None, grad_embeddings, grad_centres, None, None
+        grads = [_logits_backward(shard, scaled, threshold, labels, plan)
+                 if ctx.needs_input_grad[3 + index] else None for index, shard in enumerate(shards)]
+        return (None, None, None, *grads, *([None] * len(shards)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -986,12 +1360,8 @@ def grouped_kd_loss_sharded(
     dtype = student_shards[0].dtype
 
     if use_triton(*student_shards, *teacher_shards):
-        like = torch.empty(batch_size, dtype=torch.float64, device=student_shards[0].device)
-        weights = torch.stack([
-            _weight_rows(w_primary, "w_primary", like),
-            _weight_rows(w_binary, "w_binary", like),
-            _weight_rows(w_secondary, "w_secondary", like),
-        ])
+        weights = _weight_matrix(w_primary, w_binary, w_secondary, batch_size,
+                                 student_shards[0].device)
         plan = _Plan(
             tau=float(tau), temperature=float(temperature), selection=selection,
             k=None if k is None else int(k), force_target=force_target,
@@ -1013,6 +1383,111 @@ def grouped_kd_loss_sharded(
     return reference_grouped_kd_loss(
         torch.cat([student_shards[index] for index in order], dim=1),
         torch.cat([teacher_shards[index] for index in order], dim=1),
+        tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
+        w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
+        force_target=force_target, labels=labels,
+    )
+
+
+def grouped_kd_loss_from_embeddings(
+    student_embeddings: torch.Tensor,
+    student_centres: torch.Tensor,
+    teacher_embeddings: torch.Tensor,
+    teacher_centres: torch.Tensor,
+    *,
+    s: float = 64.0,  # GKD "Implementation Details": ArcFace s = 64
+    class_offset: int = 0,
+    num_classes: int | None = None,
+    all_reduce: AllReduce | None = None,
+    tau: float = 0.93,  # GKD Table 2
+    temperature: float = 1.0,  # GKD Eq. 1 has no temperature; the authors' code uses 4
+    w_primary: float | torch.Tensor = 8.0,  # GKD λ1, "Implementation Details"
+    w_binary: float | torch.Tensor = 1.0,  # GKD λ2, "Implementation Details"
+    w_secondary: float | torch.Tensor = 0.0,  # GKD Eq. 11 drops Secondary-KD
+    reduction: str = "mean",
+    selection: str = "sample",
+    k: int | None = None,
+    force_target: bool = False,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`grouped_kd_loss` of the margin-free logits s·cos θ of both networks, computed from
+    embeddings [B, D_S] / [B, D_T] and class centres [C, D_S] / [C, D_T] tile by tile.
+
+    Embeddings and centres are normalised inside the kernels; neither B×C logits matrix is
+    stored. The gradient reaches the student's embeddings and centres; the teacher gets none.
+    ``class_offset``, ``num_classes`` and ``all_reduce`` shard the classes across ranks as in
+    :func:`grouped_kd_loss_sharded` (the centres are this rank's [C_r, D] shard; the embedding
+    gradient is this rank's part, to be summed over ranks like any model-parallel classifier's).
+    The plain-torch path (CPU without the interpreter) materialises the logits.
+    """
+    tensors = {"student_embeddings": student_embeddings, "student_centres": student_centres,
+               "teacher_embeddings": teacher_embeddings, "teacher_centres": teacher_centres}
+    for name, tensor in tensors.items():
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point matrix, got {tensor.dtype} of "
+                             f"shape {tuple(tensor.shape)}")
+    for network in ("student", "teacher"):
+        embeddings, centres = tensors[f"{network}_embeddings"], tensors[f"{network}_centres"]
+        if embeddings.shape[1] != centres.shape[1] or embeddings.dtype != centres.dtype:
+            raise ValueError(
+                f"{network} embeddings and centres must share D and dtype, got "
+                f"{embeddings.dtype} {tuple(embeddings.shape)} and {centres.dtype} "
+                f"{tuple(centres.shape)}"
+            )
+    if teacher_embeddings.shape[0] != student_embeddings.shape[0]:
+        raise ValueError(f"teacher_embeddings must hold the student's {student_embeddings.shape[0]} "
+                         f"samples, got {teacher_embeddings.shape[0]}")
+    if teacher_centres.shape[0] != student_centres.shape[0] or student_centres.shape[0] < 1:
+        raise ValueError(f"both networks need the same classes (at least one), got "
+                         f"{student_centres.shape[0]} and {teacher_centres.shape[0]} centres")
+    if not s > 0:
+        raise ValueError(f"s must be > 0, got {s}")
+    shard_classes = student_centres.shape[0]
+    num_classes = shard_classes if num_classes is None else int(num_classes)
+    if not 0 <= class_offset <= num_classes - shard_classes:
+        raise ValueError(f"classes [{class_offset}, {class_offset + shard_classes}) do not fit "
+                         f"in [0, {num_classes})")
+    if all_reduce is None and shard_classes != num_classes:
+        raise ValueError(f"without all_reduce the centres must hold all {num_classes} classes, "
+                         f"got {shard_classes}")
+    batch_size = student_embeddings.shape[0]
+    _check_options(
+        batch_size=batch_size, num_classes=num_classes, tau=tau, temperature=temperature,
+        selection=selection, k=k, force_target=force_target, labels=labels,
+    )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    dtype = student_embeddings.dtype
+
+    if use_triton(*tensors.values()):
+        widest = max(student_embeddings.shape[1], teacher_embeddings.shape[1])
+        if widest > MAX_EMBEDDING_DIM:
+            raise ValueError(f"the Triton path holds a whole embedding on chip: D must be at "
+                             f"most {MAX_EMBEDDING_DIM}, got {widest}")
+        # the kernels compute in fp32 at most; float64 inputs (tests) are rounded once here
+        inputs = [tensor.float() if tensor.dtype == torch.float64 else tensor
+                  for tensor in tensors.values()]
+        inputs = [tensor if tensor.stride(1) == 1 else tensor.contiguous() for tensor in inputs]
+        plan = _Plan(
+            tau=float(tau), temperature=float(temperature), selection=selection,
+            k=None if k is None else int(k), force_target=force_target,
+            class_offsets=(int(class_offset),), num_classes=num_classes, all_reduce=all_reduce,
+            logit_scale=float(s),
+        )
+        rows = _GroupedKDFunction.apply(
+            plan, _weight_matrix(w_primary, w_binary, w_secondary, batch_size, inputs[0].device),
+            labels.to(torch.int32).contiguous() if force_target else None, *inputs,
+        )
+        return _reduce(rows.to(dtype), reduction)
+
+    if all_reduce is not None:
+        raise RuntimeError(
+            "grouped_kd_loss_from_embeddings across ranks needs the Triton path: CUDA tensors, "
+            f"or {ENV_VAR}=triton with TRITON_INTERPRET=1"
+        )
+    return reference_grouped_kd_loss(
+        cosine_logits(student_embeddings, student_centres, s),
+        cosine_logits(teacher_embeddings, teacher_centres, s),
         tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
         w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
         force_target=force_target, labels=labels,
@@ -1153,6 +1628,12 @@ def grouped_kd_terms(
         teacher_mass > 0, teacher_mass * (teacher_log_mass - student_log_mass), 0.0
     ).sum(1)
     return GroupedKDTerms(primary, binary, secondary, mask, teacher_mass[:, 0])
+
+
+def cosine_logits(embeddings: torch.Tensor, centres: torch.Tensor, s: float) -> torch.Tensor:
+    """s·cos θ [B, C] of embeddings [B, D] against class centres [C, D] (margin-free logits)."""
+    normalize = torch.nn.functional.normalize
+    return s * normalize(embeddings, dim=1) @ normalize(centres, dim=1).T
 
 
 def reference_grouped_kd_loss(

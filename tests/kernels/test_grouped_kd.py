@@ -18,7 +18,10 @@ from facekd.kernels.grouped_kd import (  # noqa: E402
     _Plan,
     _primary_threshold,
     _row_stats,
+    _Shard,
+    cosine_logits,
     grouped_kd_loss,
+    grouped_kd_loss_from_embeddings,
     grouped_kd_loss_sharded,
     grouped_kd_terms,
     reference_primary_mask,
@@ -176,9 +179,10 @@ def primary_mask(student, backend, tau=0.93, temperature=1.0, selection="sample"
     plan = _Plan(tau=tau, temperature=temperature, selection=selection, k=k,
                  force_target=labels is not None, class_offsets=(0,),
                  num_classes=student.shape[1], all_reduce=None)
-    log_partition = _row_stats([student], None, temperature, plan)[:, 1].float()
+    shards = [_Shard(student, student, class_offset=0)]
+    log_partition = _row_stats(shards, temperature, plan, with_teacher=False)[:, 1].float()
     forced = None if labels is None else labels.to(torch.int32)
-    threshold = _primary_threshold([student], log_partition, forced, plan)
+    threshold = _primary_threshold(shards, log_partition, forced, plan)
     return composite_keys(student, labels) >= threshold[:, None]
 
 
@@ -448,56 +452,202 @@ def test_forced_target_in_another_shard(backend):
                                                             groups), atol=2e-5, rtol=1e-4)
 
 
-def _rank_process(rank, world, port, bounds, student, teacher, options, results):
-    """One rank of a gloo group: its class shard only, combined through all_reduce."""
+def _rank_process(rank, world, port, bounds, inputs, options, results):
+    """One rank of a gloo group: its class shard only, combined through all_reduce. ``inputs``
+    are (student, teacher) logits, or (student embeddings, student centres, teacher
+    embeddings, teacher centres)."""
     import torch.distributed as dist
 
     os.environ["FACEKD_KERNEL_BACKEND"] = "triton"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     operations = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def all_reduce(tensor, op):
+        dist.all_reduce(tensor, op=operations[op])
+
     try:
         a, b = bounds[rank]
-        shard = student[:, a:b].clone().requires_grad_(True)
-        loss = grouped_kd_loss_sharded(
-            [shard], [teacher[:, a:b]], class_offsets=[a], num_classes=student.shape[1],
-            all_reduce=lambda tensor, op: dist.all_reduce(tensor, op=operations[op]), **options,
-        )
-        loss.backward()
-        results.put((rank, loss.detach(), shard.grad))
+        if len(inputs) == 2:
+            student, teacher = inputs
+            shard = student[:, a:b].clone().requires_grad_(True)
+            loss = grouped_kd_loss_sharded([shard], [teacher[:, a:b]], class_offsets=[a],
+                                           num_classes=student.shape[1], all_reduce=all_reduce,
+                                           **options)
+            loss.backward()
+            results.put((rank, loss.item(), [shard.grad.numpy()]))
+        else:
+            student, student_centres, teacher, teacher_centres = inputs
+            student = student.clone().requires_grad_(True)
+            centres = student_centres[a:b].clone().requires_grad_(True)
+            loss = grouped_kd_loss_from_embeddings(
+                student, centres, teacher, teacher_centres[a:b], s=16.0, class_offset=a,
+                num_classes=student_centres.shape[0], all_reduce=all_reduce, **options,
+            )
+            loss.backward()
+            results.put((rank, loss.item(), [student.grad.numpy(), centres.grad.numpy()]))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("options", [{}, {"selection": "batch", "temperature": 4.0}])
-def test_ranks_through_all_reduce_equal_unsharded(options):
+def run_ranks(bounds, inputs, options):
+    """Runs one gloo process per shard; returns {rank: (loss, gradients)}. Results travel as
+    numbers and numpy arrays: a tensor would be shared through a file descriptor that dies
+    with its process."""
     multiprocessing = torch.multiprocessing.get_context("spawn")
-    student, teacher, _ = face_logits(3, 101, seed=14, scale=16.0, dtype=torch.float32)
-    bounds = [(0, 30), (30, 71), (71, 101)]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     results = multiprocessing.Queue()
     ranks = [multiprocessing.Process(target=_rank_process, args=(
-        rank, 3, port, bounds, student, teacher, options, results)) for rank in range(3)]
+        rank, len(bounds), port, bounds, inputs, options, results)) for rank in range(len(bounds))]
     for process in ranks:
         process.start()
-    outputs = dict((rank, (loss, grad)) for rank, loss, grad in (results.get(timeout=300)
-                                                                 for _ in ranks))
+    outputs = {rank: (torch.tensor(loss), [torch.from_numpy(grad) for grad in grads])
+               for rank, loss, grads in (results.get(timeout=300) for _ in ranks)}
     for process in ranks:
         process.join(timeout=60)
         assert process.exitcode == 0
-    groups = paper_groups(student, **{key: value for key, value in options.items()
-                                      if key in ("selection", "temperature")})
+    return outputs
+
+
+RANK_OPTIONS = [{}, {"selection": "batch", "temperature": 4.0}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", RANK_OPTIONS)
+def test_ranks_through_all_reduce_equal_unsharded(options):
+    student, teacher, _ = face_logits(3, 101, seed=14, scale=16.0, dtype=torch.float32)
+    bounds = [(0, 30), (30, 71), (71, 101)]
+    outputs = run_ranks(bounds, (student, teacher), options)
+    groups = paper_groups(student, **options)
     reference_student = student.double().requires_grad_(True)
     reference = paper_loss(reference_student, teacher.double(), groups,
                            temperature=options.get("temperature", 1.0))
     (reference_gradient,) = torch.autograd.grad(reference, reference_student)
     for rank, (a, b) in enumerate(bounds):
-        loss, grad = outputs[rank]
+        loss, (grad,) = outputs[rank]
         torch.testing.assert_close(loss.double(), reference, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(grad.double(), reference_gradient[:, a:b], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", RANK_OPTIONS)
+def test_embedding_ranks_through_all_reduce(options):
+    # class centres split over three ranks; the embedding gradients of the ranks add up
+    student, student_centres, teacher, teacher_centres = face_embeddings(17, 67, 16, 24, seed=15)
+    inputs = tuple(tensor.float() for tensor in (student, student_centres, teacher, teacher_centres))
+    bounds = [(0, 20), (20, 50), (50, 67)]
+    outputs = run_ranks(bounds, inputs, options)
+    reference, reference_grads = embedding_reference(*inputs, options)
+    for rank, (a, b) in enumerate(bounds):
+        loss, (_, centre_grad) = outputs[rank]
+        torch.testing.assert_close(loss.double(), reference, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(centre_grad.double(), reference_grads[1][a:b], atol=2e-5,
+                                   rtol=1e-4)
+    embedding_grad = sum(outputs[rank][1][0].double() for rank in outputs)
+    torch.testing.assert_close(embedding_grad, reference_grads[0], atol=2e-5, rtol=1e-4)
+
+
+def face_embeddings(batch, num_classes, student_dim, teacher_dim, seed, dtype=torch.float64):
+    """Student and teacher embeddings and class centres, the student's near its label's centre."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    labels = torch.randint(num_classes, (batch,), generator=generator)
+    student_centres, teacher_centres = draw(num_classes, student_dim), draw(num_classes, teacher_dim)
+    student = student_centres[labels] + 1.5 * draw(batch, student_dim)
+    teacher = teacher_centres[labels] + draw(batch, teacher_dim)
+    return tuple(x.to(dtype) for x in (student, student_centres, teacher, teacher_centres))
+
+
+def embedding_reference(student, student_centres, teacher, teacher_centres, options, s=16.0):
+    """Loss and (embedding, centre) gradients in float64 through the paper reference."""
+    student = student.double().requires_grad_(True)
+    student_centres = student_centres.double().requires_grad_(True)
+    student_logits = cosine_logits(student, student_centres, s)
+    teacher_logits = cosine_logits(teacher.double(), teacher_centres.double(), s)
+    selection = {key: options[key] for key in ("tau", "temperature", "selection", "k", "labels")
+                 if key in options}
+    groups = paper_groups(student_logits.detach(), **selection)
+    weights = {key: options[key] for key in ("w_primary", "w_binary", "w_secondary")
+               if key in options}
+    loss = paper_loss(student_logits, teacher_logits, groups,
+                      temperature=options.get("temperature", 1.0), **weights)
+    return loss, torch.autograd.grad(loss, (student, student_centres))
+
+
+EMBEDDING_OPTIONS = [
+    {},
+    {"tau": 0.5, "temperature": 4.0, "w_secondary": 0.5},
+    {"selection": "batch"},
+    {"selection": "fixed", "k": 3, "force_target": True, "labels": torch.tensor([0, 9, 36, 5, 1])},
+]
+
+
+@pytest.mark.parametrize("options", EMBEDDING_OPTIONS)
+@pytest.mark.parametrize("shape", [(5, 37, 24, 40), (18, 67, 16, 32)])
+def test_from_embeddings_matches_reference(shape, options, backend):
+    batch = shape[0]
+    options = dict(options)
+    if "labels" in options:
+        options["labels"] = options["labels"].repeat(4)[:batch] % shape[1]
+    student, student_centres, teacher, teacher_centres = face_embeddings(*shape, seed=shape[1])
+    reference, reference_grads = embedding_reference(student, student_centres, teacher,
+                                                     teacher_centres, options)
+    inputs = [student.clone().requires_grad_(True), student_centres.clone().requires_grad_(True)]
+    loss = grouped_kd_loss_from_embeddings(inputs[0], inputs[1], teacher, teacher_centres, s=16.0,
+                                           **options)
+    grads = torch.autograd.grad(loss, inputs)
+    atol, rtol = tolerance(torch.float64, backend)
+    torch.testing.assert_close(loss, reference, atol=atol, rtol=rtol)
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grad, reference_grad, atol=atol, rtol=rtol)
+
+
+def test_from_embeddings_bfloat16(backend):
+    embeddings = face_embeddings(18, 37, 32, 16, seed=17, dtype=torch.bfloat16)
+    student, student_centres, teacher, teacher_centres = embeddings
+    # the reference sees the same rounded numbers, upcast exactly
+    reference, reference_grads = embedding_reference(*embeddings, {"temperature": 2.0})
+    inputs = [student.clone().requires_grad_(True), student_centres.clone().requires_grad_(True)]
+    loss = grouped_kd_loss_from_embeddings(inputs[0], inputs[1], teacher, teacher_centres, s=16.0,
+                                           temperature=2.0)
+    loss.backward()
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    assert loss.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), reference, atol=atol, rtol=rtol)
+    for tensor, reference_grad in zip(inputs, reference_grads):
+        assert tensor.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(tensor.grad.double(), reference_grad, atol=atol, rtol=rtol)
+
+
+def test_from_embeddings_teacher_gets_no_gradient(backend):
+    student, student_centres, teacher, teacher_centres = (
+        x.requires_grad_(True) for x in face_embeddings(3, 37, 16, 16, seed=18))
+    grouped_kd_loss_from_embeddings(student, student_centres, teacher, teacher_centres).backward()
+    assert teacher.grad is None and teacher_centres.grad is None
+    assert student.grad is not None and student_centres.grad is not None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"student_centres": torch.zeros(37, 8)}, "student embeddings and centres must share D"),
+    ({"teacher_centres": torch.zeros(36, 16, dtype=torch.float64)}, "same classes"),
+    ({"teacher_embeddings": torch.zeros(4, 16, dtype=torch.float64)}, "must hold the student's"),
+    ({"s": 0.0}, "s must be > 0"),
+    ({"num_classes": 50}, "must hold all 50 classes"),
+    ({"class_offset": 20, "num_classes": 50, "all_reduce": print}, r"do not fit in \[0, 50\)"),
+])
+def test_from_embeddings_bad_arguments(change, message):
+    student, student_centres, teacher, teacher_centres = face_embeddings(3, 37, 16, 16, seed=19)
+    arguments = dict(student_embeddings=student, student_centres=student_centres,
+                     teacher_embeddings=teacher, teacher_centres=teacher_centres)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        grouped_kd_loss_from_embeddings(**arguments)
 
 
 def test_all_reduce_needs_the_triton_path(monkeypatch):
