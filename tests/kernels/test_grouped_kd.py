@@ -7,6 +7,8 @@ explicitly renormalised distributions (GKD Eq. 5–6, 10). It shares no code wit
 import math
 import os
 import socket
+import subprocess
+import sys
 
 # The Triton path runs in the CPU interpreter; it must be switched on before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -696,3 +698,83 @@ def test_bad_shapes():
         grouped_kd_loss(torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="teacher_logits must have the student's shape"):
         grouped_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled path: the interpreter forgives what the compiler does not
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_FOR_HOPPER = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+import facekd.kernels.grouped_kd as gkd
+
+POINTER_TYPES = {"labels_ptr": "*i32", "pivots_ptr": "*i64", "threshold_ptr": "*i64",
+                 "active_ptr": "*i8", "count_ptr": "*i32", "size_ptr": "*i32"}
+INPUTS = ("student_ptr", "student_centres_ptr", "teacher_ptr", "teacher_centres_ptr", "grad_ptr",
+          "values_ptr", "values_centres_ptr")
+
+def signature(fn, dtype, constexprs):
+    types = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in INPUTS:
+            types[name] = "*" + dtype
+        elif name.endswith("_ptr"):
+            types[name] = POINTER_TYPES.get(name, "*fp32")
+        elif name in ("logit_scale", "inv_temperature", "mass_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+compiled_count = 0
+for torch_dtype, dtype in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    embeddings = torch.empty(1024, 512, device="meta", dtype=torch_dtype)
+    logits = torch.empty(1024, 85742, device="meta", dtype=torch_dtype)
+    shards = {
+        "logits": gkd._Shard(logits, logits, 0),
+        "embeddings": gkd._Shard(embeddings, embeddings, 0, embeddings[:100], embeddings[:100]),
+    }
+    for layout, shard in shards.items():
+        blocks = shard.blocks()
+        from_embeddings = dict(FROM_EMBEDDINGS=shard.from_embeddings)
+        no_teacher = {k: v for k, v in blocks.items() if k != "BLOCK_DT"}
+        kernels = [
+            (gkd._row_stats_kernel, dict(HAS_TEACHER=True, **from_embeddings, **blocks)),
+            (gkd._class_mass_kernel, dict(**from_embeddings, **no_teacher)),
+            (gkd._pivot_kernel, dict(VALUES_ARE_MASS=False, FORCE_TARGET=True, NUM_PIVOTS=gkd.NUM_PIVOTS,
+                                     **from_embeddings, **no_teacher)),
+            (gkd._group_stats_kernel, dict(FORCE_TARGET=True, **from_embeddings, **blocks)),
+        ]
+        if layout == "logits":
+            kernels += [
+                (gkd._pivot_kernel, dict(VALUES_ARE_MASS=True, FORCE_TARGET=False, NUM_PIVOTS=gkd.NUM_PIVOTS,
+                                         FROM_EMBEDDINGS=False, **dict(no_teacher, BLOCK_B=1))),
+                (gkd._logits_backward_kernel, dict(FORCE_TARGET=True, BLOCK_B=blocks["BLOCK_B"],
+                                                   BLOCK_C=blocks["BLOCK_C"])),
+            ]
+        else:
+            kernels += [(gkd._embedding_grad_kernel, dict(FORCE_TARGET=True, **blocks)),
+                        (gkd._centre_grad_kernel, dict(FORCE_TARGET=True, **blocks))]
+        for fn, constexprs in kernels:
+            types = signature(fn, dtype, constexprs)
+            aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                       if types[name].startswith("*")}
+            source = triton.compiler.ASTSource(fn=fn, signature=types, constexprs=constexprs,
+                                               attrs=aligned)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 4})
+            print(fn.__name__, layout, dtype, "shared memory", compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Every kernel compiles for sm_90 with the launcher's CUDA block sizes (no GPU needed)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("shared memory") == 24
