@@ -39,6 +39,12 @@ Options that follow the authors' released code (github.com/WisonZ/GKD) rather th
 * ``force_target=True`` with ``labels``: the ground-truth class is put at the head of the
   student's ranking before the group is cut (their ``scatter(…, 999999)``), so it is always in Φ;
   the selection rule then runs over that ranking unchanged.
+
+Entry points: :func:`grouped_kd_loss` (logits [B, C]), :func:`grouped_kd_loss_sharded` (logits
+split by class, in one process or across ranks through ``all_reduce``),
+:func:`grouped_kd_loss_from_embeddings` (s·cos θ computed tile by tile from embeddings and class
+centres, no B×C matrix), and :func:`grouped_kd_terms` (the three KL terms and Φ, plain torch).
+The Triton path finds Φ without sorting (see "Triton kernels" below) and computes in fp32.
 """
 from __future__ import annotations
 
@@ -1286,9 +1292,8 @@ def grouped_kd_loss(
     docstring for ``selection``, ``k``, ``force_target`` and ``labels``. The Triton path
     (:func:`facekd.kernels.use_triton`) computes in fp32 and returns the student's dtype.
     """
-    _check_logits(student_logits, teacher_logits)
     return grouped_kd_loss_sharded(
-        [student_logits], [teacher_logits], class_offsets=[0], num_classes=student_logits.shape[1],
+        [student_logits], [teacher_logits], class_offsets=[0], num_classes=student_logits.shape[-1],
         tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
         w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
         force_target=force_target, labels=labels,
