@@ -663,8 +663,9 @@ def synthesize(
     0..num_identities-1); ``images/<identity>/<n>.jpg``, the same training JPEGs as an image folder; ``val.bin``
     and ``val_hard.bin``, ``num_pairs`` verification pairs each (half same-identity) of ``num_val_identities``
     identities disjoint from the training ones, ``val_hard.bin`` pairing look-alikes as its different pairs;
-    ``synth.json``, the returned summary. The same arguments give byte-identical files. Existing outputs are an
-    error unless ``overwrite``, which deletes them first (stale identity folders would corrupt the counts).
+    ``synth.json``, the returned summary. The same arguments give byte-identical files (with the same NumPy and
+    Pillow builds: JPEG bytes depend on libjpeg). Existing outputs are an error unless ``overwrite``, which deletes
+    them first (stale identity folders would corrupt the counts).
     """
     _check_count("num_identities", num_identities, 1)
     _check_count("images_per_identity", images_per_identity, 1)
