@@ -12,7 +12,9 @@ setup(
     python_requires=">=3.10",
     packages=[
         "facekd",
+        "facekd.bench",
         "facekd.data",
+        "facekd.distill",
         "facekd.models",
         "facekd.kernels",
         "facekd.distributed",

@@ -1,0 +1,1 @@
+"""Distillation methods: logit-based (KD, GKD) and the feature-based methods of the source papers."""
