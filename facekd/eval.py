@@ -16,6 +16,7 @@ once (no folds), the convention of IJB-B/C reports.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "VAL_THRESHOLDS",
     "embed_images",
     "evaluate_bin",
+    "evaluate_checkpoints",
     "format_table",
     "plot_roc",
     "roc_auc",
@@ -482,3 +484,44 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     rendered = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
     rendered.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     return "\n".join(rendered)
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str | Path],
+    bins: Sequence[str | Path],
+    *,
+    out_dir: str | Path,
+    device: str = "auto",
+    batch_size: int = 128,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate trained networks (``facekd train`` checkpoints or run folders) on verification ``.bin`` files.
+
+    Writes ``out_dir/results.json`` (one row per network and file, without the curves) and
+    ``out_dir/roc.png``; returns the rows with their curves. ``names`` label the networks (default: the
+    job name stored in each checkpoint).
+    """
+    from facekd.train import load_network, resolve_device  # training pulls in the data and model stacks
+
+    if not checkpoints or not bins:
+        raise ValueError(f"need at least one checkpoint and one .bin, got {len(checkpoints)} and {len(bins)}")
+    if names is not None and len(names) != len(checkpoints):
+        raise ValueError(f"need one name per checkpoint, got {len(names)} names for {len(checkpoints)}")
+    torch_device = resolve_device(device)
+    rows = []
+    for index, checkpoint in enumerate(checkpoints):
+        network = load_network(checkpoint, torch_device)
+        name = network.job.name if names is None else names[index]
+        for bin_path in bins:
+            rows.append(evaluate_bin(
+                network.backbone, bin_path, image_size=network.job.data.image_size, batch_size=batch_size,
+                device=torch_device, model_name=name, progress=progress,
+            ))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curve_keys = ("fpr", "tpr", "roc_thresholds", "fold_accuracy", "fold_threshold")
+    summary = [{key: value for key, value in row.items() if key not in curve_keys} for row in rows]
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    plot_roc(rows, out / "roc.png", title="verification ROC")
+    return rows

@@ -1,0 +1,6 @@
+"""``python -m facekd``: the same command line as ``facekd``."""
+import sys
+
+from facekd.cli import main
+
+sys.exit(main())

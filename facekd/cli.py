@@ -1,0 +1,156 @@
+"""The ``facekd`` command line (also ``python -m facekd``): data, train, eval, demo, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+logger = logging.getLogger("facekd")
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from facekd.data.synth import synthesize
+
+    summary = synthesize(
+        args.out, num_identities=args.identities, images_per_identity=args.images_per_identity,
+        num_val_identities=args.val_identities, num_pairs=args.pairs, image_size=args.image_size,
+        seed=args.seed, overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def _data_convert(args: argparse.Namespace) -> None:
+    from facekd.data.convert import convert_to_shards
+
+    manifest = convert_to_shards(
+        args.source, args.out, shard_size=args.shard_size, shuffle=not args.no_shuffle, seed=args.seed,
+        num_workers=args.workers,
+    )
+    print(f"{manifest['num_samples']} samples of {manifest['num_classes']} identities in "
+          f"{len(manifest['shards'])} shards under {args.out} ({manifest['num_corrupt']} corrupt images dropped)")
+
+
+def _data_inspect(args: argparse.Namespace) -> None:
+    from facekd.data.convert import inspect_dataset
+
+    summary = inspect_dataset(args.path)
+    print(json.dumps(summary, indent=2))
+    if summary.get("ok") is False:
+        raise SystemExit(f"{args.path}: some shards are missing or incomplete (see 'status' above)")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from facekd.config import load_job
+    from facekd.train import Trainer
+
+    job = load_job(args.job, args.set)
+    summary = Trainer(job, resume=args.resume).fit()
+    print(json.dumps(summary, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from facekd.eval import evaluate_checkpoints, format_table
+
+    rows = evaluate_checkpoints(args.checkpoints, args.bin, out_dir=args.out, device=args.device,
+                                batch_size=args.batch_size)
+    print(format_table(rows))
+    print(f"results and ROC plot written under {args.out}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from facekd.demo import run_demo
+
+    run_demo(args.out, device=args.device, fresh=args.fresh)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from facekd.bench import gkd, margin
+
+    modules = {"margin": [margin], "gkd": [gkd], "kernels": [margin, gkd]}[args.bench]
+    for module in modules:
+        parser = argparse.ArgumentParser(prog=f"facekd bench {module.__name__.rsplit('.', 1)[-1]}")
+        module.add_arguments(parser)
+        written = module.run(parser.parse_args(args.options))
+        for kind, path in written.items():
+            print(f"{kind}: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facekd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make, convert and check data sets").add_subparsers(
+        dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write synthetic identities as RecordIO, image folder and .bin pairs")
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+    synth.add_argument("--identities", type=int, default=300, help="training identities (default 300)")
+    synth.add_argument("--images-per-identity", type=int, default=20, help="images of each (default 20)")
+    synth.add_argument("--val-identities", type=int, default=100,
+                       help="identities of the verification pairs, disjoint from training (default 100)")
+    synth.add_argument("--pairs", type=int, default=600, help="pairs in each .bin, half positive (default 600)")
+    synth.add_argument("--image-size", type=int, default=112, help="side of the square images (default 112)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic set in --out")
+    synth.set_defaults(handler=_data_synth)
+
+    convert = data.add_parser("convert", help="RecordIO (.rec/.idx) or image folder → WebDataset shards (resumable)")
+    convert.add_argument("source", type=Path, help="train.rec, a folder holding it, or root/<identity>/*.jpg")
+    convert.add_argument("out", type=Path, help="shard folder (a manifest.json is written beside the shards)")
+    convert.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    convert.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    convert.add_argument("--workers", type=int, default=0, help="processes writing shards (default 0: this one)")
+    convert.set_defaults(handler=_data_convert)
+
+    inspect = data.add_parser("inspect", help="summarise and check shards, a .rec, an image folder or a .bin")
+    inspect.add_argument("path", type=Path)
+    inspect.set_defaults(handler=_data_inspect)
+
+    train = commands.add_parser("train", help="train a teacher or distil a student from a YAML job spec")
+    train.add_argument("job", type=Path, help="job spec (see jobs/)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a key of the spec (repeatable), e.g. --set train.steps=100")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")
+    evaluate.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints or run folders")
+    evaluate.add_argument("--bin", type=Path, nargs="+", required=True, help="verification .bin files")
+    evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for results.json and roc.png")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.set_defaults(handler=_eval)
+
+    demo = commands.add_parser("demo", help="synthetic identities → shards → teacher → KD/GKD students → table")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out/)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--fresh", action="store_true", help="delete earlier demo output first instead of reusing it")
+    demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="kernel benchmarks writing JSON, markdown and PNG under results/")
+    bench.add_argument("bench", choices=("kernels", "margin", "gkd"),
+                       help="margin: fused margin-softmax CE; gkd: grouped KD; kernels: both")
+    bench.add_argument("options", nargs=argparse.REMAINDER,
+                       help="options of the benchmark (see 'facekd bench margin -- --help')")
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from facekd.config import ConfigError
+
+    try:
+        args.handler(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"facekd: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,119 @@
+"""``facekd demo``: the whole pipeline on synthetic identities, sized for a 2-core CPU in under 10 minutes.
+
+synthetic identities (RecordIO + image folder + .bin pairs) → WebDataset shards → an IResNet-50 teacher
+trained with a margin head → MobileFaceNet students trained without distillation, with Hinton KD and with
+GKD from that teacher → 10-fold verification of all four on held-out identities → a table and a ROC plot.
+
+The job specs are written to ``<out>/jobs/`` as YAML, so every stage can be rerun by hand with
+``facekd train``. Re-running the demo reuses finished stages (data, shards, trained networks);
+``fresh`` starts over. The numbers are measured on synthetic faces: they show that the pipeline
+learns and how the methods compare on this toy problem, not face-recognition accuracy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from facekd.config import job_from_dict
+from facekd.data.convert import convert_to_shards
+from facekd.data.synth import synthesize
+from facekd.eval import evaluate_checkpoints, format_table
+from facekd.train import Trainer
+
+__all__ = ["DEMO_SYNTH", "demo_jobs", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_SYNTH = dict(num_identities=200, images_per_identity=24, num_val_identities=100, num_pairs=600, image_size=112)
+"""The synthetic data set: 4,800 training images of 200 identities, 2 × 600 pairs of 100 others."""
+
+# Shared by every network of the demo. Images are stored at 112 px and trained at 56 px: a quarter of
+# the pixels keeps the CPU run short. The margin is milder than ArcFace's (s = 64, m = 0.5), which
+# does not converge in a few hundred steps from scratch on 200 identities.
+_DATA = dict(image_size=56, num_workers=1, shuffle_buffer=1000)
+_HEAD = dict(s=32.0, m2=0.3)
+_OPTIM = dict(lr=0.1, warmup_steps=20, schedule="cosine")
+_TEACHER_STEPS, _STUDENT_STEPS, _BATCH = 300, 200, 64
+STUDENTS = {
+    "student_none": dict(method="none"),
+    "student_kd": dict(method="kd", temperature=4.0),  # Hinton et al. 2015 / the GKD authors' code use T = 4
+    "student_gkd": dict(method="gkd"),  # GKD paper defaults: τ = 0.93, λ1 = 8, λ2 = 1, T = 1
+}
+
+
+def demo_jobs(out: Path) -> dict[str, dict[str, Any]]:
+    """The demo's job specs (teacher first), as the nested dicts written to ``out/jobs/*.yaml``."""
+    manifest = str(out / "shards")
+    jobs = {
+        "teacher": dict(
+            name="teacher_iresnet50",
+            data=dict(manifest=manifest, **_DATA),
+            model=dict(backbone="iresnet50", width=0.25, embedding_dim=128),
+            head=_HEAD, optim=_OPTIM,
+            train=dict(output_dir=str(out / "runs" / "teacher"), steps=_TEACHER_STEPS, batch_size=_BATCH,
+                       checkpoint_every=100, log_every=10),
+        )
+    }
+    for name, distill in STUDENTS.items():
+        if distill["method"] != "none":
+            distill = dict(distill, teacher=str(out / "runs" / "teacher"))
+        jobs[name] = dict(
+            name=f"mobilefacenet_{name.removeprefix('student_')}",
+            data=dict(manifest=manifest, **_DATA),
+            model=dict(backbone="mobilefacenet", width=0.5, embedding_dim=128),
+            head=_HEAD, optim=_OPTIM, distill=distill,
+            train=dict(output_dir=str(out / "runs" / name), steps=_STUDENT_STEPS, batch_size=_BATCH,
+                       checkpoint_every=100, log_every=10),
+        )
+    return jobs
+
+
+def run_demo(out: str | Path = "demo_out", *, device: str = "auto", fresh: bool = False) -> list[dict[str, Any]]:
+    """Run the demo in ``out``; prints and returns the verification rows (see module docstring)."""
+    out = Path(out).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+
+    # synthetic identities in the formats users arrive with
+    data = out / "data"
+    if not (data / "synth.json").is_file():
+        synthesize(data, **DEMO_SYNTH, seed=0, overwrite=True)
+
+    # RecordIO → WebDataset shards (resumable: finished shards are kept)
+    convert_to_shards(data / "rec", out / "shards", shard_size=1000, seed=0)
+
+    # job specs, written where a user can rerun them
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    training = []
+    for stage, spec in demo_jobs(out).items():
+        spec["train"]["device"] = device
+        path = out / "jobs" / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        job = job_from_dict(spec, source=str(path))
+        summary = Trainer(job, resume=True).fit()
+        training.append(summary)
+
+    # verification of every network on held-out identities
+    runs = [out / "runs" / stage for stage in demo_jobs(out)]
+    rows = evaluate_checkpoints(runs, [data / "val.bin", data / "val_hard.bin"], out_dir=out / "eval", device=device)
+    seconds = time.perf_counter() - start
+
+    print("\nTraining (synthetic identities; images/s of this run's steps):")
+    for summary in training:
+        speed = f"{summary['images_per_second']:.0f} img/s" if summary["steps_run"] else "reused"
+        print(f"  {summary['name']:<24} {summary['step']:>4} steps  {speed}")
+    print("\nVerification, 10-fold (synthetic identities, not face-recognition results):")
+    print(format_table(rows))
+    raw = json.loads((data / "synth.json").read_text())["raw_pixel_baseline"]
+    print("raw-pixel cosine baseline: " + ", ".join(
+        f"{name} {100 * value['best_threshold_accuracy']:.2f}%" for name, value in raw.items()))
+    print(f"ROC plot: {out / 'eval' / 'roc.png'}   results: {out / 'eval' / 'results.json'}")
+    print(f"demo wall time: {seconds:.0f} s")
+    return rows

@@ -1,0 +1,308 @@
+"""The training loop: a teacher on labels, or a student on labels plus distillation from a frozen teacher.
+
+One process, one device for now; the parts are built in a fixed order so that the distributed layer
+can wrap them (data split by rank, a sharded head, an engine around the backbone) without changing
+the step. A run is resumable: a checkpoint holds the backbone, head, optimiser, scheduler and step,
+and the data stream is a pure function of the step (see :mod:`facekd.data.loader`), so a resumed run
+receives exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
+from facekd.data.loader import build_train_loader
+from facekd.distill.logit import LogitDistiller
+from facekd.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from facekd.heads import MarginHead
+from facekd.models import StagedBackbone, build_backbone
+
+__all__ = ["Network", "Trainer", "load_network", "lr_factor", "resolve_device", "resolve_precision"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Network:
+    """A backbone and its classifier head, with the job that trained them."""
+
+    backbone: StagedBackbone
+    head: MarginHead
+    job: JobConfig
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto``: the GPU when there is one; ``cuda`` without one is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype of the backbones: ``auto`` is bf16 on a GPU that has it, fp32 elsewhere."""
+    if requested == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if requested == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return _DTYPES[requested]
+
+
+def lr_factor(step: int, job: JobConfig) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine or piecewise decay."""
+    optim, total = job.optim, job.train.steps
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "cosine":
+        progress = (step - optim.warmup_steps) / max(total - optim.warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return optim.gamma ** sum(step >= milestone for milestone in optim.milestones)
+
+
+def build_network(model: ModelConfig, head: HeadConfig, num_classes: int, image_size: int) -> tuple[StagedBackbone, MarginHead]:
+    """A freshly initialised backbone and head."""
+    backbone = build_backbone(
+        model.backbone, embedding_dim=model.embedding_dim, width=model.width, image_size=image_size,
+        dropout=model.dropout,
+    )
+    return backbone, MarginHead(num_classes, model.embedding_dim, head)
+
+
+def load_network(path: str | Path, device: torch.device | str = "cpu") -> Network:
+    """The backbone and head stored in a ``facekd train`` checkpoint (or a run folder's newest), in eval mode."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    state = load_checkpoint(path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
+    job = job_from_dict(state["job"], source=f"job stored in {path}")
+    backbone, head = build_network(job.model, job.head, state["num_classes"], job.data.image_size)
+    backbone.load_state_dict(state["backbone"])
+    head.load_state_dict(state["head"])
+    backbone.to(device).eval()
+    head.to(device).eval()
+    return Network(backbone, head, job)
+
+
+class Trainer:
+    """Trains the network of one job spec; :meth:`fit` runs it to ``train.steps`` (or resumes it)."""
+
+    def __init__(self, job: JobConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.job = job
+        self.resume = resume
+        self.progress = progress
+        self.output_dir = Path(job.train.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+
+    def fit(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Train; returns a summary (steps, final loss, images/s, checkpoint).
+
+        ``stop_after`` ends this call after that many steps, as an interruption would (for tests and
+        for time-sliced runs); a later ``resume=True`` run continues from the last checkpoint.
+        """
+        job, train = self.job, self.job.train
+        # pick the device and numerics
+        device = resolve_device(train.device)
+        autocast_dtype = resolve_precision(train.precision, device)
+        torch.manual_seed(train.seed)
+
+        # find where we start
+        state = self._resume_state()
+        step = state["step"] if state else 0
+        if step >= train.steps:
+            logger.info("%s already finished: checkpoint at step %d of %d", job.name, step, train.steps)
+            return {"name": job.name, "step": step, "steps_run": 0, "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
+
+        # build the data stream, positioned at the step
+        loader = build_train_loader(
+            job.data.manifest, batch_size=train.batch_size, image_size=job.data.image_size,
+            num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed,
+            start_batch=step, resampled=job.data.resampled, base_url=job.data.base_url,
+            pin_memory=device.type == "cuda",
+        )
+
+        # build the student (or teacher) backbone and head
+        backbone, head = build_network(job.model, job.head, loader.num_classes, job.data.image_size)
+        backbone.to(device).train()
+        head.to(device).train()
+
+        # build the frozen teacher and the distillation term
+        teacher, distiller = self._build_distillation(head, loader.num_classes, device)
+
+        # build the optimiser and schedule over every trained parameter
+        parameters = [*backbone.parameters(), *head.parameters()]
+        optimizer = torch.optim.SGD(
+            parameters, lr=job.optim.lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay,
+            **({"fused": True} if device.type == "cuda" else {}),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job))
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+        # restore the checkpoint
+        if state:
+            backbone.load_state_dict(state["backbone"])
+            head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            logger.info("%s: resumed from step %d", job.name, step)
+
+        # log to TensorBoard and a progress bar
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "job.json").write_text(json.dumps(job_to_dict(job), indent=2) + "\n")
+
+        def checkpoint(at_step: int) -> Path:
+            return save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": loader.num_classes,
+                    "step": at_step, "backbone": backbone.state_dict(), "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                },
+                self.checkpoint_dir, at_step, keep=train.keep_checkpoints,
+            )
+
+        last_step = train.steps if stop_after is None else min(train.steps, step + stop_after)
+        autocast = (
+            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32 else nullcontext()
+        )
+        # running sums stay on the device; read at logging intervals only
+        sums = torch.zeros(3, device=device)  # label loss, distillation loss, skipped samples
+        window_steps, window_start = 0, time.perf_counter()
+        start_step, run_start = step, time.perf_counter()
+        images_per_second = final_loss = float("nan")
+        bar = tqdm(total=train.steps, initial=step, desc=job.name, unit="step", disable=not self.progress)
+        batches = iter(loader)
+        try:
+            while step < last_step:
+                batch = next(batches)
+                images = batch.images.to(device, non_blocking=True)
+                labels = batch.labels.to(device, non_blocking=True)
+
+                # forward: student backbone, margin loss, distillation from the frozen teacher
+                with autocast:
+                    embeddings = backbone(images)
+                label_loss = head(embeddings, labels)
+                loss = label_loss
+                if distiller is not None:
+                    with torch.no_grad(), autocast:
+                        teacher_embeddings = teacher(images)
+                    distill_loss = distiller(embeddings, teacher_embeddings)
+                    loss = loss + job.distill.weight * distill_loss
+                else:
+                    distill_loss = torch.zeros((), device=device)
+
+                # backward, clip, step
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if job.optim.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(parameters, job.optim.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                window_steps += 1
+                sums += torch.stack([label_loss.detach(), distill_loss.detach(),
+                                     torch.tensor(float(batch.num_corrupt + batch.num_unlabelled), device=device)])
+
+                if step % train.log_every == 0 or step == last_step:
+                    label_mean, distill_mean, skipped = (sums / torch.tensor([window_steps, window_steps, 1],
+                                                                             device=device)).tolist()
+                    if not math.isfinite(label_mean + distill_mean):
+                        raise FloatingPointError(f"{job.name}: loss became {label_mean + distill_mean} at step {step}")
+                    elapsed = time.perf_counter() - window_start
+                    images_per_second = window_steps * train.batch_size / elapsed
+                    lr = scheduler.get_last_lr()[0]
+                    for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean), ("lr", lr),
+                                       ("images_per_second", images_per_second)):
+                        writer.add_scalar(tag, value, step)
+                    if skipped:
+                        logger.warning("%s: %d corrupt or unlabelled samples skipped before step %d",
+                                       job.name, int(skipped), step)
+                    postfix = {"loss": f"{label_mean:.3f}", "lr": f"{lr:.4f}", "img/s": f"{images_per_second:.0f}"}
+                    if distiller is not None:
+                        postfix["kd"] = f"{distill_mean:.3f}"
+                    bar.set_postfix(postfix)
+                    sums.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                    final_loss = label_mean + job.distill.weight * distill_mean
+                if step % train.checkpoint_every == 0 or step == last_step:
+                    checkpoint(step)
+                bar.update(1)
+        finally:
+            bar.close()
+            writer.close()
+        run_seconds = time.perf_counter() - run_start
+        return {
+            "name": job.name,
+            "step": step,
+            "steps_run": step - start_step,
+            "loss": final_loss,
+            "images_per_second": (step - start_step) * train.batch_size / run_seconds,
+            "last_window_images_per_second": images_per_second,
+            "seconds": run_seconds,
+            "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
+        }
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one)."""
+        newest = latest_checkpoint(self.checkpoint_dir)
+        if newest is None:
+            return None
+        if not self.resume:
+            raise FileExistsError(
+                f"{self.checkpoint_dir} already holds checkpoints (newest {newest.name}): pass --resume to continue "
+                "that run, or choose another train.output_dir"
+            )
+        state = load_checkpoint(newest)
+        stored = job_from_dict(state["job"], source=str(newest))
+        if job_to_dict(stored) | {"train": None} != job_to_dict(self.job) | {"train": None}:
+            raise ValueError(
+                f"{newest} was written by a different job spec; resume only with the spec that started the run "
+                "(only the train section may change, e.g. more steps)"
+            )
+        return state
+
+    def _build_distillation(
+        self, head: MarginHead, num_classes: int, device: torch.device
+    ) -> tuple[nn.Module | None, LogitDistiller | None]:
+        """The frozen teacher backbone and the distillation term (None, None for method ``none``)."""
+        config = self.job.distill
+        if config.method == "none":
+            return None, None
+        teacher = load_network(config.teacher, device)
+        if teacher.head.num_classes != num_classes:
+            raise ValueError(
+                f"teacher {config.teacher} classifies {teacher.head.num_classes} identities, the shards hold "
+                f"{num_classes}: distil on the data the teacher was trained on"
+            )
+        if teacher.job.data.image_size != self.job.data.image_size:
+            raise ValueError(
+                f"teacher {config.teacher} takes {teacher.job.data.image_size}px images, this job "
+                f"{self.job.data.image_size}px"
+            )
+        for module in (teacher.backbone, teacher.head):
+            module.requires_grad_(False)
+        return teacher.backbone, LogitDistiller(config, head, teacher.head)
