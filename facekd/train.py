@@ -255,7 +255,7 @@ class Trainer:
             bar.close()
             writer.close()
         run_seconds = time.perf_counter() - run_start
-        return {
+        summary = {
             "name": job.name,
             "step": step,
             "steps_run": step - start_step,
@@ -265,6 +265,14 @@ class Trainer:
             "seconds": run_seconds,
             "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
         }
+        # evaluate the finished network on the job's verification sets
+        if step == train.steps and job.eval.bins:
+            from facekd.eval import evaluate_checkpoints
+
+            rows = evaluate_checkpoints([self.checkpoint_dir], job.eval.bins, out_dir=self.output_dir / "eval",
+                                        device=train.device, batch_size=job.eval.batch_size, progress=self.progress)
+            summary["verification"] = {row["dataset"]: row["accuracy"] for row in rows}
+        return summary
 
     def _resume_state(self) -> dict[str, Any] | None:
         """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one)."""
