@@ -223,7 +223,7 @@ def mixed_soft_targets(teacher_logits_l: Tensor, teacher_logits_u: Tensor, lam: 
 
     We mix the teacher's logits, not its probabilities: Eq. 4.12 softens y' as y'/τ and
     Algorithm 2 mixes the networks' raw outputs before ``L_KD``. Pass y' as the teacher logits
-    of the KD loss, which applies τ and τ² (Eq. 4.12).
+    of :func:`facekd.distill.logit.kd_loss`, which applies τ and τ² (Eq. 4.12).
     """
     if teacher_logits_l.dim() != 2 or teacher_logits_l.shape != teacher_logits_u.shape:
         raise ValueError(

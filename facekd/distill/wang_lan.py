@@ -14,7 +14,7 @@ Classification, Alignment and Verification" (2017).
 - Soft predictions: H(P_S^τ, P_T^τ) with P^τ = softmax(a/τ) (Eq. 1–2) is Hinton et al.'s soft
   target loss. It equals Hinton KD's KL(P_T^τ ‖ P_S^τ) plus the teacher's entropy, a constant
   for the student, so it has the same gradient; the paper adds no τ² and tunes λ by
-  cross-validation. There is no separate function here: use facekd.distill's Hinton KD loss.
+  cross-validation. There is no separate function here: use :func:`facekd.distill.logit.kd_loss`.
 """
 from __future__ import annotations
 

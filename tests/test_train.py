@@ -1,0 +1,140 @@
+"""The training loop: schedules, resume without lost or repeated steps, distillation from a teacher."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from facekd.config import job_from_dict
+from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from facekd.train import Trainer, load_network, lr_factor
+
+
+def _weights(run_dir, step):
+    state = load_checkpoint(checkpoint_path(run_dir / "checkpoints", step))
+    return {**{f"backbone.{k}": v for k, v in state["backbone"].items()}, "head.weight": state["head"]["weight"]}
+
+
+def _assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=f"{key} differs")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "piecewise"])
+def test_lr_factor_warmup_then_decay(schedule):
+    job = job_from_dict({
+        "name": "x", "data": {"manifest": "m"}, "model": {"backbone": "iresnet18"},
+        "optim": {"warmup_steps": 4, "schedule": schedule, "milestones": [6, 8], "gamma": 0.5},
+        "train": {"output_dir": "o", "steps": 10},
+    })
+    factors = [lr_factor(step, job) for step in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    if schedule == "cosine":
+        expected = [0.5 * (1 + math.cos(math.pi * (step - 4) / 6)) for step in range(4, 10)]
+        assert factors[4:] == pytest.approx(expected)
+    else:
+        assert factors[4:] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints_and_events(tiny_job, tmp_path):
+    job = job_from_dict(tiny_job(train={"steps": 30, "checkpoint_every": 10, "keep_checkpoints": 2, "log_every": 5}))
+    summary = Trainer(job, progress=False).fit()
+    assert summary["step"] == 30 and summary["steps_run"] == 30
+    assert [step for step, _ in list_checkpoints(tmp_path / "tiny" / "checkpoints")] == [20, 30]
+    assert list((tmp_path / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tiny" / "tensorboard"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("loss/label")]
+    assert len(losses) == 6
+    # 6 identities at chance give log(6)-ish plus the margin; training must go well below the start
+    assert losses[-1] < 0.8 * losses[0]
+    network = load_network(tmp_path / "tiny")
+    assert network.head.num_classes == 6 and not network.backbone.training
+
+
+def test_resume_after_interruption_continues_at_the_right_step(tiny_job, tmp_path):
+    uninterrupted = job_from_dict(tiny_job("whole"))
+    Trainer(uninterrupted, progress=False).fit()
+
+    interrupted = job_from_dict(tiny_job("parts"))
+    first = Trainer(interrupted, progress=False).fit(stop_after=3)
+    assert first["step"] == 3
+    # a kill after step 3 but before its checkpoint: the run must go on from step 2's checkpoint
+    checkpoint_path(tmp_path / "parts" / "checkpoints", 3).unlink()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(interrupted, progress=False).fit()
+    second = Trainer(interrupted, resume=True, progress=False).fit()
+    assert second["step"] == 6 and second["steps_run"] == 4
+    _assert_same_weights(_weights(tmp_path / "whole", 6), _weights(tmp_path / "parts", 6))
+    again = Trainer(interrupted, resume=True, progress=False).fit()
+    assert again["steps_run"] == 0
+
+
+def test_resume_refuses_a_different_job(tiny_job):
+    Trainer(job_from_dict(tiny_job(train={"steps": 2})), progress=False).fit()
+    changed = job_from_dict(tiny_job(train={"steps": 2}, optim={"lr": 0.01}))
+    with pytest.raises(ValueError, match="different job spec"):
+        Trainer(changed, resume=True, progress=False).fit()
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd"])
+def test_distillation_from_a_trained_teacher(tiny_job, tiny_data, tmp_path, method):
+    teacher = job_from_dict(tiny_job("teacher", model={"backbone": "iresnet50", "width": 0.125}))
+    Trainer(teacher, progress=False).fit()
+    student = job_from_dict(tiny_job(
+        "student", model={"backbone": "mobilefacenet", "width": 0.25},
+        distill={"method": method, "teacher": str(tmp_path / "teacher"), "temperature": 2.0},
+        eval={"bins": [str(tiny_data / "data" / "val.bin")], "batch_size": 16},
+    ))
+    summary = Trainer(student, progress=False).fit()
+    assert summary["step"] == 6 and math.isfinite(summary["loss"])
+    assert 0.0 <= summary["verification"]["val"] <= 1.0
+    assert (tmp_path / "student" / "eval" / "roc.png").stat().st_size > 0
+    # the teacher's checkpoint is untouched by distillation
+    assert [step for step, _ in list_checkpoints(tmp_path / "teacher" / "checkpoints")][-1] == 6
+
+
+def test_distillation_refuses_a_teacher_of_other_classes(tiny_job, tmp_path):
+    teacher = job_from_dict(tiny_job("teacher", train={"steps": 1}))
+    Trainer(teacher, progress=False).fit()
+    state = load_checkpoint(checkpoint_path(tmp_path / "teacher" / "checkpoints", 1))
+    state["head"]["weight"] = torch.zeros(7, 16)
+    state["num_classes"] = 7
+    torch.save(state, checkpoint_path(tmp_path / "teacher" / "checkpoints", 1))
+    student = job_from_dict(tiny_job("student", distill={"method": "kd", "teacher": str(tmp_path / "teacher")}))
+    with pytest.raises(ValueError, match="classifies 7 identities, the shards hold 6"):
+        Trainer(student, progress=False).fit()
+
+
+@pytest.mark.slow
+def test_killed_training_process_resumes_from_its_last_checkpoint(tiny_job, tmp_path):
+    """A real SIGKILL in the middle of `facekd train`, then `facekd train --resume`."""
+    spec = tiny_job("killed", train={"steps": 40, "checkpoint_every": 4, "keep_checkpoints": 3})
+    job_file = tmp_path / "killed.yaml"
+    job_file.write_text(yaml.safe_dump(spec))
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    command = [sys.executable, "-m", "facekd", "train", str(job_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(step >= 8 for step, _ in list_checkpoints(checkpoints)):
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint at step 8 within 120 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = list_checkpoints(checkpoints)[-1][0]
+    assert killed_at < 40
+    assert all(load_checkpoint(path)["step"] == step for step, path in list_checkpoints(checkpoints))
+
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f'"steps_run": {40 - killed_at}' in result.stdout
+    assert load_checkpoint(checkpoint_path(checkpoints, 40))["step"] == 40
