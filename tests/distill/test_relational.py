@@ -21,7 +21,7 @@ TOLERANCES = {  # dtype → (forward rtol, gradient rtol)
 
 
 def huber(x):
-    return 0.5 * x * x if abs(float(x)) < 1.0 else abs(x) - 0.5
+    return 0.5 * x * x if abs(float(x.detach())) < 1.0 else abs(x) - 0.5
 
 
 def reference_rkd(student, teacher, w_distance=25.0, w_angle=50.0):

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs facekd and everything it needs into the current Python environment (a venv when one is active).
+# Idempotent: what is already installed is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+# torch first: DeepSpeed's build imports the torch it will run with (hence --no-build-isolation below,
+# which also keeps pip from fetching a second, multi-GB torch into a build environment).
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m pip install "torch==2.13.0"
+fi
+if ! "$PYTHON" -m pip show deepspeed >/dev/null 2>&1; then
+    "$PYTHON" -m pip install setuptools wheel
+    "$PYTHON" -m pip install --no-build-isolation "deepspeed>=0.15"
+fi
+"$PYTHON" -m pip install -e ".[test]"
