@@ -42,10 +42,10 @@ class MarginHead(nn.Module):
         """
         c = self.config
         return margin_softmax_ce(
-            embeddings.float(), self.weight, labels, s=c.s, m1=c.m1, m2=c.m2, m3=c.m3,
+            embeddings.to(self.weight.dtype), self.weight, labels, s=c.s, m1=c.m1, m2=c.m2, m3=c.m3,
             margin_grad=c.margin_grad, check_values=False,
         )
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Margin-free logits ``s·cos θ`` [B, C] (what the logit-based distillation methods compare)."""
-        return cosine_logits(embeddings.float(), self.weight, s=self.config.s)
+        return cosine_logits(embeddings.to(self.weight.dtype), self.weight, s=self.config.s)

@@ -8,6 +8,7 @@ repetitions after warm-up, every ratio taken against a baseline measured in the 
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -46,6 +47,43 @@ _DEVICE_ALIASES = (
     (r"A100", "A100"),
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The kernel grid of BENCH.md
+DIM = 512
+STANDARD_CLASSES = (85_742, 360_232, 2_059_906)  # ms1mv2, glint360k, webface42m
+SHARD_WORLD = 8  # "shard-8": what one rank of 8 holds
+STANDARD_BATCHES = (128, 512, 1024)
+QUICK_GPU = dict(batch=[1024], classes=list(STANDARD_CLASSES), dtype=["bf16"])
+QUICK_CPU = dict(batch=[8], classes=[100, 1000], dtype=["fp32"], dim=32)
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, *, dim_help: str = "embedding dimension D") -> None:
+    """The options every kernel benchmark shares: the grid (B, C, dtype, D), the device and the results root."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a small grid: B=1024, the three standard C, bf16 on a GPU; tiny shapes on CPU")
+    parser.add_argument("--batch", type=int, nargs="+", help=f"batch sizes B (default {STANDARD_BATCHES})")
+    parser.add_argument("--classes", type=int, nargs="+",
+                        help=f"class counts C (default {STANDARD_CLASSES} and their /{SHARD_WORLD} shards)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="input dtypes (default all)")
+    parser.add_argument("--dim", type=int, help=f"{dim_help} (default {DIM})")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
+
+
+def grid(args: argparse.Namespace, device: "Device") -> tuple[list[int], list[int], list[str], int]:
+    """(batches, classes, dtypes, D) the options of :func:`add_grid_arguments` ask for on ``device``."""
+    quick = (QUICK_GPU if device.is_cuda else QUICK_CPU) if args.quick else {}
+    if not device.is_cuda and not args.quick and not (args.batch and args.classes and args.dim):
+        raise ValueError("on CPU give --quick, or --batch, --classes and --dim small enough for the reference")
+    shards = [math.ceil(c / SHARD_WORLD) for c in STANDARD_CLASSES]
+    batches = args.batch or quick.get("batch") or list(STANDARD_BATCHES)
+    classes = args.classes or quick.get("classes") or sorted(list(STANDARD_CLASSES) + shards)
+    dtypes = args.dtype or quick.get("dtype") or list(DTYPES)
+    dim = args.dim or quick.get("dim") or DIM
+    for name, values in (("--batch", batches), ("--classes", classes), ("--dim", [dim])):
+        if min(values) < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {values}")
+    return batches, classes, dtypes, dim
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ inputs + gradients lower bound.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 from facekd.bench.common import (
     DTYPES,
     OOM,
+    add_grid_arguments,
+    grid,
     Chart,
     Column,
     Device,
@@ -44,53 +45,28 @@ from facekd.bench.common import (
 )
 
 BENCH = "gkd"
-DIM = 512  # BENCH.md
-STANDARD_CLASSES = (85_742, 360_232, 2_059_906)  # BENCH.md: ms1mv2, glint360k, webface42m
-SHARD_WORLD = 8  # BENCH.md "shard-8": what one rank of 8 holds
-STANDARD_BATCHES = (128, 512, 1024)
 FORMS = ("logits", "embeddings")
 METHODS = ("facekd", "torch_sort", "classic_kd", "matmul_bf16")
 FORM_METHODS = {"logits": ("facekd", "torch_sort", "classic_kd"),
                 "embeddings": ("facekd", "torch_sort", "matmul_bf16")}
-QUICK_GPU = dict(batch=[1024], classes=list(STANDARD_CLASSES), dtype=["bf16"])
-QUICK_CPU = dict(batch=[8], classes=[100, 1000], dtype=["fp32"], dim=32)
 SCALE = 64.0  # GKD "Implementation Details": ArcFace s = 64
 MAX_MASK_ELEMENTS = 2**27  # mean k is measured through the reference's [B, C] mask up to this size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``facekd bench gkd`` (also part of ``facekd bench kernels``)."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a small grid: B=1024, the three standard C, bf16 on a GPU; tiny shapes on CPU")
-    parser.add_argument("--batch", type=int, nargs="+", help=f"batch sizes B (default {STANDARD_BATCHES})")
-    parser.add_argument("--classes", type=int, nargs="+",
-                        help=f"class counts C (default {STANDARD_CLASSES} and their /{SHARD_WORLD} shards)")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="input dtypes (default all)")
-    parser.add_argument("--dim", type=int, help=f"embedding dimension D of both networks (default {DIM})")
+    add_grid_arguments(parser, dim_help="embedding dimension D of both networks")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS),
                         help="logits given, or embeddings and class centres given")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to measure (default all)")
     parser.add_argument("--tau", type=float, default=0.93, help="cumulative threshold τ (default 0.93, GKD Table 2)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (default 1)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
 
 
 def _grid(args: argparse.Namespace, device: Device) -> tuple[list[int], list[int], list[str], int]:
-    quick = (QUICK_GPU if device.is_cuda else QUICK_CPU) if args.quick else {}
-    if not device.is_cuda and not args.quick and not (args.batch and args.classes and args.dim):
-        raise ValueError("on CPU give --quick, or --batch, --classes and --dim small enough for the reference")
-    shards = [math.ceil(c / SHARD_WORLD) for c in STANDARD_CLASSES]
-    batches = args.batch or quick.get("batch") or list(STANDARD_BATCHES)
-    classes = args.classes or quick.get("classes") or sorted(list(STANDARD_CLASSES) + shards)
-    dtypes = args.dtype or quick.get("dtype") or list(DTYPES)
-    dim = args.dim or quick.get("dim") or DIM
-    for name, values in (("--batch", batches), ("--classes", classes), ("--dim", [dim])):
-        if min(values) < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {values}")
     if not 0.0 < args.tau <= 1.0 or not args.temperature > 0.0:
         raise ValueError(f"--tau must be in (0, 1] and --temperature > 0, got {args.tau} and {args.temperature}")
-    return batches, classes, dtypes, dim
+    return grid(args, device)
 
 
 # ---------------------------------------------------------------------------------------------

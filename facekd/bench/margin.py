@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from facekd.bench.common import (
     DTYPES,
     OOM,
+    STANDARD_CLASSES,
+    add_grid_arguments,
+    grid,
     Chart,
     Column,
     Device,
@@ -42,10 +45,6 @@ from facekd.bench.common import (
 )
 
 BENCH = "margin"
-DIM = 512  # BENCH.md
-STANDARD_CLASSES = (85_742, 360_232, 2_059_906)  # BENCH.md: ms1mv2, glint360k, webface42m
-SHARD_WORLD = 8  # BENCH.md "shard-8": what one rank of 8 holds
-STANDARD_BATCHES = (128, 512, 1024)
 MARGINS = {
     "arcface": dict(s=64.0, m1=1.0, m2=0.5, m3=0.0),
     "none": dict(s=64.0, m1=1.0, m2=0.0, m3=0.0),
@@ -53,44 +52,19 @@ MARGINS = {
 METHODS = ("facekd", "torch_eager", "torch_compile", "liger", "cce", "torch_linear_ce", "matmul_bf16")
 # only meaningful without a margin: plain linear cross-entropy kernels
 MARGIN_FREE_METHODS = ("liger", "cce", "torch_linear_ce")
-QUICK_GPU = dict(batch=[1024], classes=list(STANDARD_CLASSES), dtype=["bf16"])
-QUICK_CPU = dict(batch=[8], classes=[100, 1000], dtype=["fp32"], dim=32)
 # C searched for the largest that fits: webface42m × 2^k
 FIT_SCALES = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``facekd bench margin`` (also part of ``facekd bench kernels``)."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a small grid: B=1024, the three standard C, bf16 on a GPU; tiny shapes on CPU")
-    parser.add_argument("--batch", type=int, nargs="+", help=f"batch sizes B (default {STANDARD_BATCHES})")
-    parser.add_argument("--classes", type=int, nargs="+",
-                        help=f"class counts C (default {STANDARD_CLASSES} and their /{SHARD_WORLD} shards)")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="input dtypes (default all)")
-    parser.add_argument("--dim", type=int, help=f"embedding dimension D (default {DIM})")
+    add_grid_arguments(parser, dim_help="embedding dimension D")
     parser.add_argument("--margins", nargs="+", choices=sorted(MARGINS), default=sorted(MARGINS),
                         help="arcface (m2 = 0.5) and/or none (s·cos θ: the fused linear-CE baselines run)")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="methods to measure (default all; torch_compile only on CUDA)")
     parser.add_argument("--fit", action="store_true",
                         help="also find the largest C (webface42m × 2^k) whose forward+backward fits, per method")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
-
-
-def _grid(args: argparse.Namespace, device: Device) -> tuple[list[int], list[int], list[str], int]:
-    quick = (QUICK_GPU if device.is_cuda else QUICK_CPU) if args.quick else {}
-    if not device.is_cuda and not args.quick and not (args.batch and args.classes and args.dim):
-        raise ValueError("on CPU give --quick, or --batch, --classes and --dim small enough for the reference")
-    shards = [math.ceil(c / SHARD_WORLD) for c in STANDARD_CLASSES]
-    batches = args.batch or quick.get("batch") or list(STANDARD_BATCHES)
-    classes = args.classes or quick.get("classes") or sorted(list(STANDARD_CLASSES) + shards)
-    dtypes = args.dtype or quick.get("dtype") or list(DTYPES)
-    dim = args.dim or quick.get("dim") or DIM
-    for name, values in (("--batch", batches), ("--classes", classes), ("--dim", [dim])):
-        if min(values) < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {values}")
-    return batches, classes, dtypes, dim
 
 
 def _methods(args: argparse.Namespace, device: Device) -> list[str]:
@@ -308,7 +282,7 @@ CHART = Chart(x="C", y="ms", series="method", panel=("dtype", "B", "margin"), x_
 def run(args: argparse.Namespace) -> dict[str, Path]:
     """Measure the grid, write results/<device>/margin.{json,md,png}; returns their paths."""
     device = Device.detect(args.device)
-    batches, classes, dtypes, dim = _grid(args, device)
+    batches, classes, dtypes, dim = grid(args, device)
     methods = _methods(args, device)
     rows = []
     for dtype_name in dtypes:

@@ -53,7 +53,7 @@ class LogitDistiller:
 
     def __call__(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
         c = self.config
-        teacher_embeddings = teacher_embeddings.detach().float()
+        teacher_embeddings = teacher_embeddings.detach().to(self.teacher_head.weight.dtype)
         if c.method == "kd":
             return kd_loss(
                 self.student_head.logits(student_embeddings),
@@ -66,7 +66,7 @@ class LogitDistiller:
                 f"{self.student_head.config.s}, the teacher's s = {self.teacher_head.config.s}"
             )
         return grouped_kd_loss_from_embeddings(
-            student_embeddings.float(), self.student_head.weight,
+            student_embeddings.to(self.student_head.weight.dtype), self.student_head.weight,
             teacher_embeddings, self.teacher_head.weight.detach(),
             s=self.student_head.config.s, tau=c.tau, temperature=c.temperature,
             w_primary=c.w_primary, w_binary=c.w_binary, w_secondary=c.w_secondary,
