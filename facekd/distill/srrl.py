@@ -116,7 +116,7 @@ def _head_features(h: Tensor, *, normalized: bool, scale: float, dtype: torch.dt
 def srrl_sr_loss(
     h_student: Tensor, h_teacher: Tensor, class_centres: Tensor, *, normalized: bool = False, scale: float = 1.0
 ) -> Tensor:
-    """L_SR = mean over B × C of (z_S − z_T)² with z = h Wᵀ, or s·n(h) n(W)ᵀ when ``normalized`` (Eq. 4.7).
+    """L_SR = mean over B × C of (z_S − z_T)² with z = s·h Wᵀ, or s·n(h) n(W)ᵀ when ``normalized`` (Eq. 4.7).
 
     ``h_student``, ``h_teacher`` [B, D]; ``class_centres`` W [C, D] (the teacher's classifier).
     Forms the B × C logits: for small C and as the reference of :func:`srrl_sr_loss_gram`.

@@ -41,14 +41,14 @@ def reference_fm(connected, teacher):
 
 
 def reference_sr(h_student, h_teacher, centres, normalized=False, scale=1.0):
-    """mean over (b, c) of (z_S[b, c] − z_T[b, c])², each logit an explicit sum over d."""
+    """mean over (b, c) of (z_S[b, c] − z_T[b, c])², each logit s·Σ_d h_d W_cd (÷ the norms if normalised)."""
     centres = centres.double().detach()
     batch_size, num_classes = h_student.shape[0], centres.shape[0]
 
     def logit(h, c):
-        value = (h * centres[c]).sum()
+        value = scale * (h * centres[c]).sum()
         if normalized:
-            value = scale * value / (torch.sqrt((h * h).sum()) * torch.sqrt((centres[c] * centres[c]).sum()))
+            value = value / (torch.sqrt((h * h).sum()) * torch.sqrt((centres[c] * centres[c]).sum()))
         return value
 
     total = h_student.new_zeros((), dtype=torch.float64)
