@@ -51,6 +51,9 @@ class ModelConfig:
     """Size of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface uses 0 for MS1M)."""
+    init_from: str | None = None
+    """Checkpoint or run folder whose backbone (and head, same classes) starts a fresh run: Wang & Lan's
+    student initialisation (train S0 on labels, then distil into it)."""
 
     def __post_init__(self) -> None:
         from facekd.models import BACKBONES
@@ -81,30 +84,138 @@ class HeadConfig:
         _check(self.m1 >= 1, "m1", f"must be >= 1, got {self.m1}")
 
 
+DISTILL_METHODS = ("kd", "gkd", "dkd", "fitnet", "rkd", "shrinkteanet", "srrl", "hidden_l2", "triplet")
+"""Distillation terms a job can combine (see :mod:`facekd.distill.distiller`)."""
+
+
 @dataclass(kw_only=True)
-class DistillConfig:
-    method: Literal["none", "kd", "gkd"] = "none"
-    """``none``: labels only; ``kd``: Hinton KD; ``gkd``: grouped KD (Zhao et al., AAAI'23)."""
-    teacher: str | None = None
-    """Teacher checkpoint (``facekd train`` output); its classifier gives the teacher logits."""
-    weight: float = 1.0
-    """Multiplier of the distillation loss added to the student's margin loss."""
-    temperature: float = 1.0
-    """Softmax temperature T; the KD loss is scaled by T² (Hinton et al. 2015)."""
-    tau: float = 0.93
-    """GKD: cumulative probability that closes the primary group (GKD paper, Table 2)."""
-    w_primary: float = 8.0
-    """GKD: λ1, weight of Primary-KD (GKD paper, Sec. 4.2)."""
-    w_binary: float = 1.0
-    """GKD: λ2, weight of Binary-KD (GKD paper, Sec. 4.2)."""
-    w_secondary: float = 0.0
-    """GKD: weight of Secondary-KD, dropped by the paper (Sec. 3.3)."""
+class KDConfig:
+    """Hinton KD: KL(softmax(z_T/T) ‖ softmax(z_S/T))·T² on each network's s·cos θ."""
+
+    temperature: float = 4.0
+    """Softmax temperature T (the GKD and DKD authors' code use 4)."""
 
     def __post_init__(self) -> None:
-        if self.method != "none":
-            _check(self.teacher is not None, "teacher", f"is required for method {self.method!r}")
         _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
+class GKDConfig:
+    """Grouped KD (Zhao et al., AAAI 2023). Defaults are the paper's; see ``jobs/*gkd_official*`` for the code's."""
+
+    tau: float = 0.93
+    """Cumulative probability that closes the primary group (GKD Table 2)."""
+    temperature: float = 1.0
+    """Softmax temperature T; GKD Eq. 1 has none, the authors' code uses 4. The loss is scaled by T²."""
+    w_primary: float = 8.0
+    """λ1, weight of Primary-KD (GKD "Implementation Details"; the code's adaptive variant uses 4)."""
+    w_binary: float = 1.0
+    """λ2, weight of Binary-KD (GKD "Implementation Details")."""
+    w_secondary: float = 0.0
+    """Weight of Secondary-KD, dropped by the paper (GKD Eq. 11)."""
+    selection: Literal["sample", "batch", "fixed"] = "sample"
+    """``sample``: k per sample (the paper, Eq. 3); ``batch``: one k per batch (``gkd_adaptive.py``);
+    ``fixed``: k classes for every sample (``distillation/gkd.py``)."""
+    k: int | None = None
+    """Group size for ``selection: fixed`` (the authors' code uses 10,000)."""
+    force_target: bool = False
+    """Put the ground-truth class into the primary group (the authors' code)."""
+    margined_logits: bool = False
+    """Compare the heads' MARGINED logits, as the authors' code does, instead of s·cos θ (the paper)."""
+
+    def __post_init__(self) -> None:
         _check(0 < self.tau <= 1, "tau", f"must be in (0, 1], got {self.tau}")
+        _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        _check((self.k is not None) == (self.selection == "fixed"), "k",
+               f"is required with selection 'fixed' and only then, got k={self.k} with selection {self.selection!r}")
+        _check(self.k is None or self.k >= 1, "k", f"must be >= 1, got {self.k}")
+
+
+@dataclass(kw_only=True)
+class DKDConfig:
+    """Decoupled KD (Zhao et al., CVPR 2022); defaults of the authors' mdistiller."""
+
+    alpha: float = 1.0
+    """Weight of target-class KD (TCKD)."""
+    beta: float = 8.0
+    """Weight of non-target-class KD (NCKD)."""
+    temperature: float = 4.0
+    """Softmax temperature T."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
+class FeatureConfig:
+    """Where a feature-matching method (FitNet, Wang & Lan's hidden L2) takes its hint."""
+
+    stage: int = 3
+    """Backbone stage (0-3) whose output the student matches through an adapter (FitNet: the middle; faces: last)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.stage <= 3, "stage", f"must be in [0, 3], got {self.stage}")
+
+
+@dataclass(kw_only=True)
+class RKDConfig:
+    """Relational KD (Park et al., CVPR 2019) on the embeddings."""
+
+    w_distance: float = 25.0
+    """Weight of the distance-wise term (RKD paper; mdistiller)."""
+    w_angle: float = 50.0
+    """Weight of the angle-wise term (RKD paper; mdistiller)."""
+
+
+@dataclass(kw_only=True)
+class SRRLConfig:
+    """SRRL (thesis ch. 4): feature matching + softmax regression through the teacher's classifier."""
+
+    alpha: float = 1.0
+    """Weight of L_FM (official code KD_SRRL: 1)."""
+    beta: float = 1.0
+    """Weight of L_SR (official code KD_SRRL: 1)."""
+
+
+@dataclass(kw_only=True)
+class TripletConfig:
+    """Wang & Lan's verification transfer: triplet loss with online negative mining (FaceNet)."""
+
+    margin: float = 0.2
+    """Triplet margin α on ℓ2-normalised embeddings (FaceNet Sec. 3.3; Wang & Lan give none)."""
+    mining: Literal["semihard", "hardest"] = "semihard"
+    """Negative of each anchor-positive pair: FaceNet's semi-hard, or the hardest in the batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    methods: dict[str, float] = field(default_factory=dict)
+    """Distillation terms and their weights, e.g. ``{gkd: 1.0}`` or ``{kd: 1.0, triplet: 0.5}``; empty:
+    labels only (the student without distillation). Names: see :data:`DISTILL_METHODS`."""
+    teacher: str | None = None
+    """Teacher checkpoint or run folder (``facekd train`` output); required when ``methods`` is not empty."""
+    warmup_epochs: float = 0.0
+    """The distillation weight ramps as min(epoch / warmup_epochs, 1), epochs counted from 0 (GKD's and
+    DKD's code); 0 disables the ramp."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    dkd: DKDConfig = field(default_factory=DKDConfig)
+    fitnet: FeatureConfig = field(default_factory=FeatureConfig)
+    rkd: RKDConfig = field(default_factory=RKDConfig)
+    srrl: SRRLConfig = field(default_factory=SRRLConfig)
+    triplet: TripletConfig = field(default_factory=TripletConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(DISTILL_METHODS))
+        _check(not unknown, "methods", f"has unknown method {unknown[0] if unknown else ''!r}; known: {DISTILL_METHODS}")
+        _check(all(weight >= 0 for weight in self.methods.values()), "methods", f"weights must be >= 0, got {self.methods}")
+        needs_teacher = set(self.methods) - {"triplet"}
+        if needs_teacher:
+            _check(self.teacher is not None, "teacher", f"is required for {sorted(needs_teacher)}")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass(kw_only=True)
@@ -220,6 +331,12 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_convert(k, key_hint, f"{key} key", source): _convert(v, value_hint, f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")

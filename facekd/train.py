@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
 from facekd.data.loader import build_train_loader
-from facekd.distill.logit import LogitDistiller
+from facekd.distill.distiller import Distiller, Outputs
 from facekd.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
@@ -101,6 +101,14 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
     return Network(backbone, head, job)
 
 
+def _forward(backbone: StagedBackbone, images: torch.Tensor, with_stages: bool) -> Outputs:
+    """The embedding of ``images``, and the four stage maps when a distillation method reads them."""
+    if with_stages:
+        embedding, stages = backbone(images, return_stages=True)
+        return Outputs(embedding, stages)
+    return Outputs(backbone(images), None)
+
+
 class Trainer:
     """Trains the network of one job spec; :meth:`fit` runs it to ``train.steps`` (or resumes it)."""
 
@@ -140,14 +148,16 @@ class Trainer:
 
         # build the student (or teacher) backbone and head
         backbone, head = build_network(job.model, job.head, loader.num_classes, job.data.image_size)
+        if job.model.init_from and not state:
+            self._initialise(backbone, head)
         backbone.to(device).train()
         head.to(device).train()
 
-        # build the frozen teacher and the distillation term
-        teacher, distiller = self._build_distillation(head, loader.num_classes, device)
+        # build the frozen teacher and the distillation terms with their adapters
+        teacher, distiller = self._build_distillation(backbone, head, loader.batches_per_epoch, device)
 
         # build the optimiser and schedule over every trained parameter
-        parameters = [*backbone.parameters(), *head.parameters()]
+        parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
         optimizer = torch.optim.SGD(
             parameters, lr=job.optim.lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay,
             **({"fused": True} if device.type == "cuda" else {}),
@@ -159,6 +169,7 @@ class Trainer:
         if state:
             backbone.load_state_dict(state["backbone"])
             head.load_state_dict(state["head"])
+            distiller.load_state_dict(state["distiller"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -177,6 +188,7 @@ class Trainer:
                 {
                     "format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": loader.num_classes,
                     "step": at_step, "backbone": backbone.state_dict(), "head": head.state_dict(),
+                    "distiller": distiller.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                 },
@@ -200,18 +212,17 @@ class Trainer:
                 images = batch.images.to(device, non_blocking=True)
                 labels = batch.labels.to(device, non_blocking=True)
 
-                # forward: student backbone, margin loss, distillation from the frozen teacher
+                # forward: student backbone, margin loss (fp32 centres, outside autocast), distillation
                 with autocast:
-                    embeddings = backbone(images)
-                label_loss = head(embeddings, labels)
-                loss = label_loss
-                if distiller is not None:
-                    with torch.no_grad(), autocast:
-                        teacher_embeddings = teacher(images)
-                    distill_loss = distiller(embeddings, teacher_embeddings)
-                    loss = loss + job.distill.weight * distill_loss
-                else:
-                    distill_loss = torch.zeros((), device=device)
+                    student = _forward(backbone, images, distiller.needs_stages)
+                label_loss = head(student.embedding, labels)
+                with autocast:
+                    teacher_outputs = None
+                    if distiller.needs_teacher:
+                        with torch.no_grad():
+                            teacher_outputs = _forward(teacher, images, distiller.needs_stages)
+                    distill_loss, _ = distiller(student, teacher_outputs, labels, step)
+                loss = label_loss + distill_loss
 
                 # backward, clip, step
                 optimizer.zero_grad(set_to_none=True)
@@ -242,12 +253,12 @@ class Trainer:
                         logger.warning("%s: %d corrupt or unlabelled samples skipped before step %d",
                                        job.name, int(skipped), step)
                     postfix = {"loss": f"{label_mean:.3f}", "lr": f"{lr:.4f}", "img/s": f"{images_per_second:.0f}"}
-                    if distiller is not None:
+                    if distiller.methods:
                         postfix["kd"] = f"{distill_mean:.3f}"
                     bar.set_postfix(postfix)
                     sums.zero_()
                     window_steps, window_start = 0, time.perf_counter()
-                    final_loss = label_mean + job.distill.weight * distill_mean
+                    final_loss = label_mean + distill_mean
                 if step % train.checkpoint_every == 0 or step == last_step:
                     checkpoint(step)
                 bar.update(1)
@@ -293,24 +304,41 @@ class Trainer:
             )
         return state
 
+    def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:
+        """Start from ``model.init_from``: its backbone, and its head when it has the same classes."""
+        source = load_network(self.job.model.init_from)
+        if source.job.model != self.job.model.__class__(**{**vars(self.job.model), "init_from": None}):
+            raise ValueError(
+                f"model.init_from {self.job.model.init_from} holds a {source.job.model.backbone} "
+                f"(width {source.job.model.width}, {source.job.model.embedding_dim}-d); this job builds a "
+                f"{self.job.model.backbone} (width {self.job.model.width}, {self.job.model.embedding_dim}-d)"
+            )
+        backbone.load_state_dict(source.backbone.state_dict())
+        if source.head.num_classes == head.num_classes:
+            head.load_state_dict(source.head.state_dict())
+        logger.info("%s: initialised from %s", self.job.name, self.job.model.init_from)
+
     def _build_distillation(
-        self, head: MarginHead, num_classes: int, device: torch.device
-    ) -> tuple[nn.Module | None, LogitDistiller | None]:
-        """The frozen teacher backbone and the distillation term (None, None for method ``none``)."""
+        self, backbone: StagedBackbone, head: MarginHead, batches_per_epoch: int, device: torch.device
+    ) -> tuple[StagedBackbone | None, Distiller]:
+        """The frozen teacher backbone (None when no method needs one) and the distillation terms."""
         config = self.job.distill
-        if config.method == "none":
-            return None, None
-        teacher = load_network(config.teacher, device)
-        if teacher.head.num_classes != num_classes:
-            raise ValueError(
-                f"teacher {config.teacher} classifies {teacher.head.num_classes} identities, the shards hold "
-                f"{num_classes}: distil on the data the teacher was trained on"
+        teacher = None
+        if config.teacher is not None and any(name != "triplet" for name in config.methods):
+            teacher = load_network(config.teacher, device)
+            if teacher.job.data.image_size != self.job.data.image_size:
+                raise ValueError(
+                    f"teacher {config.teacher} takes {teacher.job.data.image_size}px images, this job "
+                    f"{self.job.data.image_size}px"
+                )
+            for module in (teacher.backbone, teacher.head):
+                module.requires_grad_(False)
+        try:
+            distiller = Distiller(
+                config, student=backbone, student_head=head,
+                teacher=teacher.backbone if teacher else None, teacher_head=teacher.head if teacher else None,
+                batches_per_epoch=batches_per_epoch,
             )
-        if teacher.job.data.image_size != self.job.data.image_size:
-            raise ValueError(
-                f"teacher {config.teacher} takes {teacher.job.data.image_size}px images, this job "
-                f"{self.job.data.image_size}px"
-            )
-        for module in (teacher.backbone, teacher.head):
-            module.requires_grad_(False)
-        return teacher.backbone, LogitDistiller(config, head, teacher.head)
+        except ValueError as error:
+            raise ValueError(f"teacher {config.teacher}: {error}") from None
+        return (teacher.backbone if teacher else None), distiller.to(device).train()

@@ -928,6 +928,30 @@ def cosine_logits(
     return s * (x_norm @ w_norm.T)
 
 
+def margin_logits(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+) -> torch.Tensor:
+    """The logits the margin loss sees, [B, C]: s·(ψ(cos θ_y) − m3) on the target column, s·cos θ elsewhere.
+
+    Plain torch and differentiable (exact margin gradient; acos is not differentiable at cos = ±1,
+    so a target exactly on its centre gets no gradient through the margin). It materialises the
+    B×C logits: for methods that compare margined logits (the GKD authors' code), not for the loss.
+    """
+    margin = _Margin.build(s, m1, m2, m3, "exact")
+    logits = cosine_logits(embeddings, weight, s=1.0)
+    if labels.shape != (logits.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+    target, _ = reference_margin_target(logits.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7), margin)
+    return (s * logits).scatter(1, labels[:, None], target)
+
+
 def margin_ce_shard_stats(
     embeddings: torch.Tensor,
     weight_shard: torch.Tensor,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from facekd.config import job_from_dict
+from facekd.config import DISTILL_METHODS, job_from_dict
 from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from facekd.train import Trainer, load_network, lr_factor
 
@@ -91,7 +91,7 @@ def test_distillation_from_a_trained_teacher(tiny_job, tiny_data, tmp_path, meth
     Trainer(teacher, progress=False).fit()
     student = job_from_dict(tiny_job(
         "student", model={"backbone": "mobilefacenet", "width": 0.25},
-        distill={"method": method, "teacher": str(tmp_path / "teacher"), "temperature": 2.0},
+        distill={"methods": {method: 1.0}, "teacher": str(tmp_path / "teacher"), method: {"temperature": 2.0}},
         eval={"bins": [str(tiny_data / "data" / "val.bin")], "batch_size": 16},
     ))
     summary = Trainer(student, progress=False).fit()
@@ -102,6 +102,47 @@ def test_distillation_from_a_trained_teacher(tiny_job, tiny_data, tmp_path, meth
     assert [step for step, _ in list_checkpoints(tmp_path / "teacher" / "checkpoints")][-1] == 6
 
 
+@pytest.fixture(scope="module")
+def trained_teacher(tiny_data, tmp_path_factory):
+    """An IResNet teacher trained for 6 steps on the tiny shards, shared by the method tests."""
+    output = tmp_path_factory.mktemp("teacher")
+    spec = {
+        "name": "teacher", "data": {"manifest": str(tiny_data / "shards"), "image_size": 32, "num_workers": 0,
+                                    "shuffle_buffer": 16},
+        "model": {"backbone": "iresnet50", "width": 0.125, "embedding_dim": 16}, "head": {"s": 16.0, "m2": 0.2},
+        "train": {"output_dir": str(output), "steps": 6, "batch_size": 8, "checkpoint_every": 6, "device": "cpu"},
+    }
+    Trainer(job_from_dict(spec), progress=False).fit()
+    return output
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_every_distillation_method_trains_a_student(tiny_job, trained_teacher, tmp_path, method):
+    student = job_from_dict(tiny_job(
+        "student", model={"backbone": "mobilefacenet", "width": 0.25},
+        distill={"methods": {method: 1.0}, "teacher": str(trained_teacher), "warmup_epochs": 1},
+        train={"steps": 3, "checkpoint_every": 3},
+    ))
+    summary = Trainer(student, progress=False).fit()
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
+    state = load_checkpoint(checkpoint_path(tmp_path / "student" / "checkpoints", 3))
+    has_adapters = method in ("fitnet", "shrinkteanet", "srrl")
+    assert bool(state["distiller"]) == has_adapters
+
+
+def test_init_from_starts_the_student_from_a_checkpoint(tiny_job, tmp_path):
+    Trainer(job_from_dict(tiny_job("s0", train={"steps": 2})), progress=False).fit()
+    s0 = _weights(tmp_path / "s0", 2)
+    job = job_from_dict(tiny_job("s1", model={"init_from": str(tmp_path / "s0")}, optim={"lr": 1e-9},
+                                 train={"steps": 1, "checkpoint_every": 1}))
+    Trainer(job, progress=False).fit()
+    s1 = _weights(tmp_path / "s1", 1)
+    torch.testing.assert_close(s1["head.weight"], s0["head.weight"], rtol=1e-6, atol=1e-7)
+    other = job_from_dict(tiny_job("s2", model={"init_from": str(tmp_path / "s0"), "backbone": "mobilefacenet"}))
+    with pytest.raises(ValueError, match="holds a iresnet18"):
+        Trainer(other, progress=False).fit()
+
+
 def test_distillation_refuses_a_teacher_of_other_classes(tiny_job, tmp_path):
     teacher = job_from_dict(tiny_job("teacher", train={"steps": 1}))
     Trainer(teacher, progress=False).fit()
@@ -109,8 +150,8 @@ def test_distillation_refuses_a_teacher_of_other_classes(tiny_job, tmp_path):
     state["head"]["weight"] = torch.zeros(7, 16)
     state["num_classes"] = 7
     torch.save(state, checkpoint_path(tmp_path / "teacher" / "checkpoints", 1))
-    student = job_from_dict(tiny_job("student", distill={"method": "kd", "teacher": str(tmp_path / "teacher")}))
-    with pytest.raises(ValueError, match="classifies 7 identities, the shards hold 6"):
+    student = job_from_dict(tiny_job("student", distill={"methods": {"kd": 1.0}, "teacher": str(tmp_path / "teacher")}))
+    with pytest.raises(ValueError, match="same identities, got 6 and 7 classes"):
         Trainer(student, progress=False).fit()
 
 

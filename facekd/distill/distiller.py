@@ -1,0 +1,189 @@
+"""The distillation term of a training step: the weighted sum of the methods a job spec names.
+
+:class:`Distiller` is built once from the job's ``distill`` section, the student (backbone and head)
+and the frozen teacher (backbone and head). It owns the trainable adapters some methods need
+(FitNet's regressor, ShrinkTeaNet's per-stage adapters, SRRL's connector): the trainer optimises and
+checkpoints them with the student. Each step it receives both networks' :class:`Outputs` and returns
+the total distillation loss and its terms, each already multiplied by its weight.
+
+| method | compares | paper |
+| --- | --- | --- |
+| ``kd`` | softened s·cos θ of both heads | Hinton et al. 2015 |
+| ``gkd`` | primary group + binary masses of both heads' predictions | Zhao et al., AAAI 2023, Eq. 11 |
+| ``dkd`` | target / non-target decoupled KD | Zhao et al., CVPR 2022 |
+| ``fitnet`` | a stage's feature map through a 1×1 conv + BN regressor | Romero et al., ICLR 2015 |
+| ``rkd`` | distances and angles within the batch of embeddings | Park et al., CVPR 2019 |
+| ``shrinkteanet`` | angles of the embedding and of every adapted stage run through the teacher | Duong et al. 2019 |
+| ``srrl`` | pooled connected feature + the teacher's classifier on it | Yang, thesis ch. 4 (ICLR 2021) |
+| ``hidden_l2`` | squared L2 between the embeddings (top hidden layers) | Wang & Lan 2017, Eq. 6 |
+| ``triplet`` | triplet loss with online negative mining on the student alone | Wang & Lan 2017, Eq. 9 |
+
+How the face setting reads the methods written for classifiers: the logits of both networks are
+their own margin heads' s·cos θ (margin-free, as the GKD paper states; ``gkd.margined_logits``
+follows the authors' code instead). SRRL's "teacher classifier" is the teacher's embedding head
+followed by its normalised class centres: the connected student feature goes through the teacher's
+head, and L_SR compares s·cos θ logits through the D×D Gram matrix of the centres, so its cost does
+not depend on C (DESIGN.md, point 4).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facekd.config import DistillConfig
+from facekd.distill.dkd import dkd_loss
+from facekd.distill.fitnet import FitNetAdapter, fitnet_loss
+from facekd.distill.logit import kd_loss
+from facekd.distill.relational import rkd_loss
+from facekd.distill.shrinkteanet import IntermediateAngularDistiller
+from facekd.distill.srrl import SRRLConnector, srrl_fm_loss, srrl_sr_loss_gram, teacher_gram
+from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
+from facekd.heads import MarginHead
+from facekd.kernels import grouped_kd_loss
+from facekd.kernels.grouped_kd import grouped_kd_loss_from_embeddings
+from facekd.kernels.margin_ce import margin_logits
+from facekd.models import StagedBackbone
+
+__all__ = ["Distiller", "Outputs"]
+
+# methods that read stage feature maps, not only embeddings
+_STAGE_METHODS = ("fitnet", "shrinkteanet", "srrl")
+# methods that compare classifier outputs, and so need both heads over the same identities
+_LOGIT_METHODS = ("kd", "gkd", "dkd", "srrl")
+
+
+class Outputs(NamedTuple):
+    """What one network produced for a batch."""
+
+    embedding: Tensor  # [B, D]
+    stages: list[Tensor] | None  # the four stage feature maps, when a method needs them
+
+
+class Distiller(nn.Module):
+    """All distillation terms of a job (see the module docstring); ``forward`` returns (total, terms)."""
+
+    def __init__(
+        self,
+        config: DistillConfig,
+        *,
+        student: StagedBackbone,
+        student_head: MarginHead,
+        teacher: StagedBackbone | None,
+        teacher_head: MarginHead | None,
+        batches_per_epoch: int,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.methods = {name: weight for name, weight in config.methods.items() if weight > 0}
+        self.batches_per_epoch = batches_per_epoch
+        self.needs_stages = any(name in _STAGE_METHODS for name in self.methods)
+        self.needs_teacher = any(name != "triplet" for name in self.methods)
+        if self.needs_teacher and (teacher is None or teacher_head is None):
+            raise ValueError(f"methods {sorted(self.methods)} need a teacher (distill.teacher)")
+        if any(name in _LOGIT_METHODS for name in self.methods) and student_head.num_classes != teacher_head.num_classes:
+            raise ValueError(
+                f"student and teacher must classify the same identities, got {student_head.num_classes} and "
+                f"{teacher_head.num_classes} classes (train the teacher on the same shards)"
+            )
+        if "hidden_l2" in self.methods and student.embedding_dim != teacher.embedding_dim:
+            raise ValueError(
+                f"hidden_l2 compares embeddings directly: student embedding_dim {student.embedding_dim} must equal "
+                f"the teacher's {teacher.embedding_dim}"
+            )
+        # held by reference: the teacher is frozen and not part of this module's parameters or state
+        self.__dict__["student_head"] = student_head
+        self.__dict__["teacher"] = teacher
+        self.__dict__["teacher_head"] = teacher_head
+
+        # the trainable adapters, built in a fixed order
+        if "fitnet" in self.methods:
+            stage = config.fitnet.stage
+            self.fitnet = FitNetAdapter(student.feature_channels[stage], teacher.feature_channels[stage],
+                                        teacher_size=teacher.feature_sizes[stage])
+        if "shrinkteanet" in self.methods:
+            self.shrinkteanet = IntermediateAngularDistiller(student, teacher)
+        if "srrl" in self.methods:
+            self.srrl = SRRLConnector(student.feature_channels[-1], teacher.feature_channels[-1])
+            # W_Tᵀ W_T of the frozen, normalised centres: computed once, D×D (DESIGN.md point 4)
+            self.register_buffer("srrl_gram", teacher_gram(teacher_head.weight, normalized=True), persistent=False)
+
+    def ramp(self, step: int) -> float:
+        """Warm-up factor of every term: min(epoch / warmup_epochs, 1), epochs counted from 0."""
+        if self.config.warmup_epochs == 0:
+            return 1.0
+        return min(math.floor(step / self.batches_per_epoch) / self.config.warmup_epochs, 1.0)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = {name: weight * self._term(name, student, teacher, labels) for name, weight in self.methods.items()}
+        ramp = self.ramp(step)
+        total = ramp * sum(terms.values(), torch.zeros((), device=labels.device))
+        return total, terms
+
+    def _term(self, name: str, student: Outputs, teacher: Outputs | None, labels: Tensor) -> Tensor:
+        c = self.config
+        if name == "triplet":
+            return batch_hard_triplet_loss(student.embedding, labels, margin=c.triplet.margin, mining=c.triplet.mining)
+        teacher_embedding = teacher.embedding.detach().to(self.teacher_head.weight.dtype)
+        student_embedding = student.embedding.to(self.student_head.weight.dtype)
+        if name == "gkd":
+            return self._gkd(student_embedding, teacher_embedding, labels)
+        if name in ("kd", "dkd"):
+            student_logits = self.student_head.logits(student_embedding)
+            teacher_logits = self.teacher_head.logits(teacher_embedding)
+            if name == "kd":
+                return kd_loss(student_logits, teacher_logits, temperature=c.kd.temperature)
+            return dkd_loss(student_logits, teacher_logits, labels, alpha=c.dkd.alpha, beta=c.dkd.beta,
+                            temperature=c.dkd.temperature)
+        if name == "rkd":
+            return rkd_loss(student_embedding, teacher_embedding, w_distance=c.rkd.w_distance, w_angle=c.rkd.w_angle)
+        if name == "hidden_l2":
+            return hidden_l2_loss(student_embedding, teacher_embedding)
+        if name == "fitnet":
+            stage = c.fitnet.stage
+            return fitnet_loss(self.fitnet(student.stages[stage]), teacher.stages[stage].detach())
+        if name == "shrinkteanet":
+            return self.shrinkteanet(student.stages, teacher_embedding, student_embedding)
+        if name == "srrl":
+            connected = self.srrl(student.stages[-1])
+            teacher_size = self.teacher.feature_sizes[-1]
+            if connected.shape[-1] != teacher_size:
+                connected = F.interpolate(connected, size=(teacher_size, teacher_size), mode="bilinear",
+                                          align_corners=False)
+            # the teacher's classifier on the student's connected feature: its head, then its centres
+            through_teacher = self.teacher.head(connected).to(teacher_embedding.dtype)
+            feature_matching = srrl_fm_loss(connected, teacher.stages[-1].detach())
+            softmax_regression = srrl_sr_loss_gram(
+                through_teacher, teacher_embedding, self.srrl_gram, self.teacher_head.num_classes, normalized=True,
+                scale=self.teacher_head.config.s,
+            )
+            return c.srrl.alpha * feature_matching + c.srrl.beta * softmax_regression
+        raise ValueError(f"unknown distillation method {name!r}")
+
+    def _gkd(self, student_embedding: Tensor, teacher_embedding: Tensor, labels: Tensor) -> Tensor:
+        g = self.config.gkd
+        options = dict(tau=g.tau, temperature=g.temperature, w_primary=g.w_primary, w_binary=g.w_binary,
+                       w_secondary=g.w_secondary, selection=g.selection, k=g.k, force_target=g.force_target,
+                       labels=labels if g.force_target else None)
+        if g.margined_logits:
+            # the authors' code: KD on each head's margined logits (materialises both B×C matrices)
+            student_logits, teacher_logits = (
+                margin_logits(embedding, head.weight, labels, s=head.config.s, m1=head.config.m1,
+                              m2=head.config.m2, m3=head.config.m3)
+                for embedding, head in ((student_embedding, self.student_head),
+                                        (teacher_embedding, self.teacher_head))
+            )
+            return grouped_kd_loss(student_logits, teacher_logits.detach(), **options)
+        if self.student_head.config.s != self.teacher_head.config.s:
+            raise ValueError(
+                f"GKD compares s·cos θ of both networks with one s; the student head has s = "
+                f"{self.student_head.config.s}, the teacher's s = {self.teacher_head.config.s}"
+            )
+        # the fused form: neither B×C logits matrix is stored on the Triton path
+        return grouped_kd_loss_from_embeddings(
+            student_embedding, self.student_head.weight, teacher_embedding, self.teacher_head.weight.detach(),
+            s=self.student_head.config.s, **options,
+        )

@@ -1,0 +1,148 @@
+"""The Distiller: each method's term is its paper's loss on the right tensors, weighted, ramped, combinable."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facekd.config import DISTILL_METHODS, DistillConfig, GKDConfig, HeadConfig
+from facekd.distill.distiller import Distiller, Outputs
+from facekd.heads import MarginHead
+from facekd.kernels import grouped_kd_loss
+from facekd.models import build_backbone
+
+NUM_CLASSES, BATCH, SIZE, DIM = 11, 6, 32, 16
+
+
+def _networks(teacher_dim=DIM):
+    torch.manual_seed(0)
+    student = build_backbone("mobilefacenet", width=0.25, image_size=SIZE, embedding_dim=DIM).double()
+    teacher = build_backbone("iresnet18", width=0.125, image_size=SIZE, embedding_dim=teacher_dim).double().eval()
+    student_head = MarginHead(NUM_CLASSES, DIM, HeadConfig(s=16.0)).double()
+    teacher_head = MarginHead(NUM_CLASSES, teacher_dim, HeadConfig(s=16.0)).double()
+    return student, student_head, teacher.requires_grad_(False), teacher_head.requires_grad_(False)
+
+
+def _batch(student, teacher):
+    images = torch.randn(BATCH, 3, SIZE, SIZE, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 3, 10, 7, 0])
+    embedding, stages = student(images, return_stages=True)
+    with torch.no_grad():
+        teacher_embedding, teacher_stages = teacher(images, return_stages=True)
+    return Outputs(embedding, stages), Outputs(teacher_embedding, teacher_stages), labels
+
+
+def _distiller(config, student, student_head, teacher, teacher_head, batches_per_epoch=5):
+    return Distiller(config, student=student, student_head=student_head, teacher=teacher, teacher_head=teacher_head,
+                     batches_per_epoch=batches_per_epoch).double()
+
+
+def _cos_logits(embedding, head):
+    return head.config.s * F.normalize(embedding, dim=1) @ F.normalize(head.weight, dim=1).T
+
+
+def _reference_kd(student_logits, teacher_logits, temperature):
+    p_teacher = torch.softmax(teacher_logits / temperature, 1)
+    log_ratio = torch.log_softmax(teacher_logits / temperature, 1) - torch.log_softmax(student_logits / temperature, 1)
+    return (p_teacher * log_ratio).sum(1).mean() * temperature**2
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_every_method_gives_a_finite_loss_and_student_gradients(method):
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={method: 0.5}, teacher="t")
+    distiller = _distiller(config, student, student_head, teacher, teacher_head)
+    assert distiller.needs_stages == (method in ("fitnet", "shrinkteanet", "srrl"))
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    if not distiller.needs_stages:
+        student_outputs = Outputs(student_outputs.embedding, None)
+    total, terms = distiller(student_outputs, teacher_outputs, labels, step=0)
+    assert set(terms) == {method} and torch.isfinite(total) and total.item() > 0
+    total.backward()
+    assert student.stem[0].weight.grad is not None and student.stem[0].weight.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert teacher_head.weight.grad is None
+    trainable = list(distiller.parameters())
+    assert bool(trainable) == (method in ("fitnet", "shrinkteanet", "srrl"))
+    assert all(parameter.grad is not None for parameter in trainable)
+    # the teacher is never part of the distiller's state (checkpoints hold the adapters only)
+    assert not any(key.startswith("teacher") for key in distiller.state_dict())
+
+
+def test_kd_term_is_the_weighted_hinton_loss_on_margin_free_logits():
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={"kd": 2.0}, teacher="t")
+    distiller = _distiller(config, student, student_head, teacher, teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    total, _ = distiller(student_outputs, teacher_outputs, labels, step=0)
+    expected = 2.0 * _reference_kd(_cos_logits(student_outputs.embedding, student_head),
+                                   _cos_logits(teacher_outputs.embedding, teacher_head), 4.0)
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_gkd_term_is_the_grouped_kd_of_both_heads_logits():
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={"gkd": 1.0}, teacher="t", gkd=GKDConfig(temperature=2.0))
+    distiller = _distiller(config, student, student_head, teacher, teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    total, _ = distiller(student_outputs, teacher_outputs, labels, step=0)
+    expected = grouped_kd_loss(_cos_logits(student_outputs.embedding, student_head),
+                               _cos_logits(teacher_outputs.embedding, teacher_head), temperature=2.0)
+    torch.testing.assert_close(total.double(), expected.double(), rtol=1e-5, atol=1e-7)
+
+
+def test_official_gkd_compares_margined_logits_with_the_target_forced_in():
+    student, student_head, teacher, teacher_head = _networks()
+    cosface = HeadConfig(s=16.0, m2=0.0, m3=0.4)
+    student_head.config = teacher_head.config = cosface
+    gkd = GKDConfig(temperature=4.0, selection="batch", force_target=True, margined_logits=True, w_primary=4.0)
+    distiller = _distiller(DistillConfig(methods={"gkd": 1.0}, teacher="t", gkd=gkd),
+                           student, student_head, teacher, teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    total, _ = distiller(student_outputs, teacher_outputs, labels, step=0)
+
+    def cosface_logits(embedding, head):
+        logits = _cos_logits(embedding, head)
+        return logits - 16.0 * 0.4 * F.one_hot(labels, NUM_CLASSES)
+
+    expected = grouped_kd_loss(cosface_logits(student_outputs.embedding, student_head),
+                               cosface_logits(teacher_outputs.embedding, teacher_head), temperature=4.0,
+                               w_primary=4.0, selection="batch", force_target=True, labels=labels)
+    torch.testing.assert_close(total.double(), expected.double(), rtol=1e-5, atol=1e-7)
+
+
+def test_srrl_gram_term_equals_the_direct_form_through_the_teacher_head():
+    student, student_head, teacher, teacher_head = _networks()
+    distiller = _distiller(DistillConfig(methods={"srrl": 1.0}, teacher="t"), student, student_head, teacher,
+                           teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    total, _ = distiller(student_outputs, teacher_outputs, labels, step=0)
+    connected = distiller.srrl(student_outputs.stages[-1])
+    feature_matching = (connected.mean((2, 3)) - teacher_outputs.stages[-1].mean((2, 3))).square().mean()
+    through_teacher = teacher.head(connected)
+    softmax_regression = (_cos_logits(through_teacher, teacher_head)
+                          - _cos_logits(teacher_outputs.embedding, teacher_head)).square().mean()
+    torch.testing.assert_close(total, feature_matching + softmax_regression, rtol=1e-9, atol=1e-12)
+
+
+def test_terms_combine_with_their_weights_and_ramp_over_warmup_epochs():
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={"kd": 1.0, "rkd": 0.5, "triplet": 0.25}, teacher="t", warmup_epochs=4)
+    distiller = _distiller(config, student, student_head, teacher, teacher_head, batches_per_epoch=5)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    for step, factor in ((0, 0.0), (4, 0.0), (5, 0.25), (12, 0.5), (20, 1.0), (99, 1.0)):
+        total, terms = distiller(student_outputs, teacher_outputs, labels, step=step)
+        assert set(terms) == {"kd", "rkd", "triplet"}
+        assert math.isclose(total.item(), factor * sum(term.item() for term in terms.values()), abs_tol=1e-12)
+
+
+def test_methods_refuse_mismatched_networks():
+    student, student_head, teacher, teacher_head = _networks(teacher_dim=24)
+    with pytest.raises(ValueError, match="hidden_l2 compares embeddings directly"):
+        _distiller(DistillConfig(methods={"hidden_l2": 1.0}, teacher="t"), student, student_head, teacher,
+                   teacher_head)
+    other_head = MarginHead(NUM_CLASSES + 1, 24, HeadConfig(s=16.0)).double()
+    with pytest.raises(ValueError, match="same identities, got 11 and 12 classes"):
+        _distiller(DistillConfig(methods={"kd": 1.0}, teacher="t"), student, student_head, teacher, other_head)
+    with pytest.raises(ValueError, match="need a teacher"):
+        _distiller(DistillConfig(methods={"kd": 1.0}, teacher="t"), student, student_head, None, None)
