@@ -51,11 +51,14 @@ def _check_inputs(
         raise ValueError(f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}")
     if labels.shape != (batch_size,) or labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"labels must be an integer tensor of shape [{batch_size}], got {labels.dtype} of shape {list(labels.shape)}"
+            f"labels must be an integer tensor of shape [{batch_size}], got {labels.dtype} of shape "
+            f"{list(labels.shape)}"
         )
     # reading the labels back would stall a GPU stream, so the range check runs on the CPU only
     if not labels.is_cuda and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}"
+        )
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")

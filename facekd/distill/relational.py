@@ -3,13 +3,13 @@
 RKD transfers the structure of a batch of embeddings rather than the embeddings themselves, so
 student and teacher may have different widths ``[B, D_S]`` and ``[B, D_T]``.
 
-Distance-wise potential (RKD Sec. 3.2, "distance-wise distillation loss"): pairwise Euclidean distances normalised by their mean
-over the pairs of the batch,
+Distance-wise potential (RKD Sec. 3.2, "distance-wise distillation loss"): pairwise Euclidean
+distances normalised by their mean over the pairs of the batch,
 
     ψ_D(t_i, t_j) = ‖t_i − t_j‖ / μ,   μ = mean_{i≠j} ‖t_i − t_j‖.
 
-Angle-wise potential (RKD Sec. 3.2, "angle-wise distillation loss"): the cosine of the angle at vertex t_j of the triplet
-(t_i, t_j, t_k),
+Angle-wise potential (RKD Sec. 3.2, "angle-wise distillation loss"): the cosine of the angle at
+vertex t_j of the triplet (t_i, t_j, t_k),
 
     ψ_A(t_i, t_j, t_k) = ⟨e_ij, e_kj⟩,   e_ij = (t_i − t_j) / ‖t_i − t_j‖.
 

@@ -82,14 +82,16 @@ def srrl_fm_loss(connected_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     ``connected_feature`` [B, C, H, W] is the connector's output, ``teacher_feature`` [B, C, H', W']
     the teacher's last map (detached); the spatial sizes may differ since both are pooled.
     """
-    if connected_feature.dim() != 4 or teacher_feature.dim() != 4 or connected_feature.shape[:2] != teacher_feature.shape[:2]:
+    four_d = connected_feature.dim() == 4 and teacher_feature.dim() == 4
+    if not four_d or connected_feature.shape[:2] != teacher_feature.shape[:2]:
         raise ValueError(
             f"connected student and teacher features must be [B, C, H, W] with the same B and C, got "
             f"{list(connected_feature.shape)} and {list(teacher_feature.shape)}"
         )
     if connected_feature.numel() == 0 or teacher_feature.numel() == 0:
         raise ValueError(
-            f"srrl_fm_loss needs non-empty features, got {list(connected_feature.shape)} and {list(teacher_feature.shape)}"
+            f"srrl_fm_loss needs non-empty features, got {list(connected_feature.shape)} and "
+            f"{list(teacher_feature.shape)}"
         )
     dtype = _compute_dtype(connected_feature)
     student_pooled = connected_feature.to(dtype).mean(dim=(2, 3))
@@ -119,7 +121,9 @@ def srrl_sr_loss(
     """L_SR = mean over B × C of (z_S − z_T)² with z = s·h Wᵀ, or s·n(h) n(W)ᵀ when ``normalized`` (Eq. 4.7).
 
     ``h_student``, ``h_teacher`` [B, D]; ``class_centres`` W [C, D] (the teacher's classifier).
-    Forms the B × C logits: for small C and as the reference of :func:`srrl_sr_loss_gram`.
+    ``scale`` multiplies the logits: the margin head's s (64 in ArcFace) with ``normalized=True``,
+    1 for a plain linear classifier. Forms the B × C logits: for small C and as the reference of
+    :func:`srrl_sr_loss_gram`.
     """
     _check_features(h_student, h_teacher, scale)
     if class_centres.dim() != 2 or class_centres.shape[1] != h_student.shape[1] or class_centres.shape[0] < 1:
@@ -149,7 +153,13 @@ def teacher_gram(class_centres: Tensor, *, normalized: bool = False) -> Tensor:
 
 
 def srrl_sr_loss_gram(
-    h_student: Tensor, h_teacher: Tensor, gram: Tensor, num_classes: int, *, normalized: bool = False, scale: float = 1.0
+    h_student: Tensor,
+    h_teacher: Tensor,
+    gram: Tensor,
+    num_classes: int,
+    *,
+    normalized: bool = False,
+    scale: float = 1.0,
 ) -> Tensor:
     """:func:`srrl_sr_loss` without the logits: Σ_b δ_bᵀ G δ_b / (B · C) with G = :func:`teacher_gram`.
 

@@ -29,7 +29,8 @@ def reference_rkd(student, teacher, w_distance=25.0, w_angle=50.0):
     student, teacher = student.double(), teacher.double().detach()
 
     def distances(e):
-        pairs = {(i, j): torch.linalg.vector_norm(e[i] - e[j]) for i in range(batch_size) for j in range(batch_size) if i != j}
+        indices = [(i, j) for i in range(batch_size) for j in range(batch_size) if i != j]
+        pairs = {(i, j): torch.linalg.vector_norm(e[i] - e[j]) for i, j in indices}
         mean = sum(pairs.values()) / len(pairs)
         return {key: value / mean for key, value in pairs.items()}
 

@@ -96,7 +96,8 @@ def test_teacher_gram_is_the_sum_of_centre_outer_products(normalized):
 def test_sr_gram_form_with_half_inputs(dtype):
     h_student, h_teacher, centres = make_features(7, 41, 13, dtype=dtype)
     forward_rtol, grad_rtol = TOLERANCES[dtype]
-    loss = srrl_sr_loss_gram(h_student, h_teacher, teacher_gram(centres, normalized=True), 41, normalized=True, scale=64.0)
+    gram = teacher_gram(centres, normalized=True)
+    loss = srrl_sr_loss_gram(h_student, h_teacher, gram, 41, normalized=True, scale=64.0)
     assert loss.dtype == torch.float32
     (grad,) = torch.autograd.grad(loss, h_student)
     student64 = h_student.detach().double().requires_grad_()
@@ -132,7 +133,8 @@ def test_srrl_loss_weights_both_terms():
     expected = 0.3 * reference_fm(connected, teacher_map) + 2.0 * reference_sr(h_student, h_teacher, centres)
     torch.testing.assert_close(loss, expected, rtol=1e-11, atol=1e-13)
     default = srrl_loss(connected, teacher_map, h_student, h_teacher, gram, 9)
-    torch.testing.assert_close(default, reference_fm(connected, teacher_map) + reference_sr(h_student, h_teacher, centres))
+    expected = reference_fm(connected, teacher_map) + reference_sr(h_student, h_teacher, centres)
+    torch.testing.assert_close(default, expected)
 
 
 def test_teacher_side_receives_no_gradient():

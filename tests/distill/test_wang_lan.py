@@ -38,8 +38,8 @@ def reference_triplet(embeddings, labels, margin=0.2, mining="semihard"):
             if p == a or labels[p] != labels[a] or not negatives:
                 continue
             d_ap = squared(a, p)
-            distances = {n: float(squared(a, n)) for n in negatives}
-            semihard = [n for n in negatives if distances[n] > float(d_ap)]
+            distances = {n: float(squared(a, n).detach()) for n in negatives}
+            semihard = [n for n in negatives if distances[n] > float(d_ap.detach())]
             if mining == "hardest":
                 chosen = min(negatives, key=distances.get)
             elif semihard:
@@ -64,7 +64,7 @@ def test_triplet_matches_reference_forward_and_gradient(labels, mining, margin, 
     embeddings = make_embeddings(len(labels), dim)
     loss = batch_hard_triplet_loss(embeddings, labels, margin=margin, mining=mining)
     expected = reference_triplet(embeddings, labels, margin, mining)
-    assert float(expected) > 0.0
+    assert float(expected.detach()) > 0.0
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
     (grad,) = torch.autograd.grad(loss, embeddings, grad_outputs=torch.tensor(-1.5, dtype=torch.float64))
     (expected_grad,) = torch.autograd.grad(expected, embeddings)
@@ -100,7 +100,7 @@ def test_batch_without_valid_triplets_gives_zero_and_zero_gradient(labels):
     embeddings = make_embeddings(len(labels), 4)
     loss = batch_hard_triplet_loss(embeddings, torch.tensor(labels))
     (grad,) = torch.autograd.grad(loss, embeddings)
-    assert float(loss) == 0.0 and torch.count_nonzero(grad) == 0
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(grad) == 0
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
@@ -145,7 +145,7 @@ def test_hidden_l2_matches_per_sample_squared_distance_and_analytic_gradient(sha
         sum(float(s - t) ** 2 for s, t in zip(student[b].detach().flatten(), teacher[b].flatten()))
         for b in range(batch_size)
     ]
-    assert math.isclose(float(loss), sum(per_sample) / batch_size, rel_tol=1e-12)
+    assert math.isclose(float(loss.detach()), sum(per_sample) / batch_size, rel_tol=1e-12)
     (grad,) = torch.autograd.grad(loss, student, grad_outputs=torch.tensor(0.6, dtype=torch.float64))
     # d/dH_S mean_b ‖H_S − H_T‖² = 2 (H_S − H_T) / B, times the incoming 0.6
     torch.testing.assert_close(grad, 0.6 * 2.0 * (student.detach() - teacher) / batch_size, rtol=1e-12, atol=1e-15)
@@ -163,7 +163,8 @@ def test_hidden_l2_half_inputs(dtype):
     torch.testing.assert_close(loss.double(), difference.square().sum() / 7, rtol=forward_rtol, atol=0)
     (grad,) = torch.autograd.grad(loss, student)
     expected_grad = 2.0 * difference / 7
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=grad_rtol, atol=grad_rtol * float(expected_grad.abs().max()))
+    scale = float(expected_grad.abs().max())
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=grad_rtol, atol=grad_rtol * scale)
 
 
 def test_hidden_l2_detaches_teacher_and_rejects_bad_shapes():
