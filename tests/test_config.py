@@ -24,14 +24,20 @@ def _write(tmp_path, spec):
 @pytest.mark.parametrize("path", JOBS, ids=[path.name for path in JOBS])
 def test_shipped_job_specs_load(path):
     job = load_job(path)
-    assert job.head.s == 64.0 and job.head.m2 == 0.5  # the GKD paper's ArcFace
-    if job.distill.method == "gkd":
-        assert (job.distill.tau, job.distill.w_primary, job.distill.w_binary) == (0.93, 8.0, 1.0)
+    official = "cosface" in path.stem or "official" in path.stem
+    # the GKD paper's ArcFace, or the CosFace of its authors' code
+    assert (job.head.s, job.head.m2, job.head.m3) == ((64.0, 0.0, 0.4) if official else (64.0, 0.5, 0.0))
+    if "gkd" in job.distill.methods:
+        gkd = job.distill.gkd
+        paper = (0.93, 8.0, 1.0, 1.0, "sample", False, False)
+        code = (0.93, 4.0, 1.0, 4.0, "batch", True, True)
+        assert (gkd.tau, gkd.w_primary, gkd.w_binary, gkd.temperature, gkd.selection, gkd.force_target,
+                gkd.margined_logits) == (code if official else paper)
 
 
 def test_defaults_fill_a_minimal_spec(tmp_path):
     job = load_job(_write(tmp_path, MINIMAL))
-    assert job.data.image_size == 112 and job.optim.lr == 0.1 and job.distill.method == "none"
+    assert job.data.image_size == 112 and job.optim.lr == 0.1 and job.distill.methods == {}
     assert job_to_dict(job)["train"]["steps"] == 10
 
 
@@ -45,8 +51,11 @@ def test_defaults_fill_a_minimal_spec(tmp_path):
         ({"train": {"output_dir": "o", "steps": 0}}, "'train.steps' must be positive, got 0"),
         ({"model": {"backbone": "resnet9"}}, "'model.backbone' must be one of"),
         ({"optim": {"schedule": "step"}}, "'optim.schedule' must be one of ['cosine', 'piecewise']"),
-        ({"distill": {"method": "gkd"}}, "'distill.teacher' is required for method 'gkd'"),
-        ({"distill": {"method": "kd", "teacher": "t", "tau": 1.5}}, "'distill.tau' must be in (0, 1]"),
+        ({"distill": {"methods": {"gkd": 1.0}}}, "'distill.teacher' is required for ['gkd']"),
+        ({"distill": {"methods": {"gdk": 1.0}, "teacher": "t"}}, "'distill.methods' has unknown method 'gdk'"),
+        ({"distill": {"methods": {"gkd": "x"}, "teacher": "t"}}, "'distill.methods.gkd' must be float, got 'x'"),
+        ({"distill": {"gkd": {"tau": 1.5}}}, "'distill.gkd.tau' must be in (0, 1]"),
+        ({"distill": {"gkd": {"selection": "fixed"}}}, "'distill.gkd.k' is required with selection 'fixed'"),
         ({"optim": {"milestones": [5, 3]}}, "'optim.milestones' must be increasing"),
     ],
 )

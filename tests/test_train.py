@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from facekd.config import DISTILL_METHODS, job_from_dict
+from facekd.config import DISTILL_METHODS, job_from_dict, load_job
 from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from facekd.train import Trainer, load_network, lr_factor
 
@@ -128,6 +129,23 @@ def test_every_distillation_method_trains_a_student(tiny_job, trained_teacher, t
     state = load_checkpoint(checkpoint_path(tmp_path / "student" / "checkpoints", 3))
     has_adapters = method in ("fitnet", "shrinkteanet", "srrl")
     assert bool(state["distiller"]) == has_adapters
+
+
+STUDENT_SPECS = sorted(path for path in (Path(__file__).parents[1] / "jobs").glob("*.yaml") if "teacher" not in path.stem)
+
+
+@pytest.mark.parametrize("path", STUDENT_SPECS, ids=[path.stem for path in STUDENT_SPECS])
+def test_shipped_student_specs_run_on_synthetic_shards(path, tiny_data, trained_teacher, tmp_path):
+    """Each shipped job spec as written, pointed at the tiny shards and shrunk to seconds on a CPU."""
+    overrides = [
+        f"data.manifest={tiny_data / 'shards'}", "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "model.width=0.25", "model.embedding_dim=16", "model.init_from=null", "head.s=16.0", f"train.output_dir={tmp_path / 'run'}",
+        "train.steps=2", "train.batch_size=8", "train.device=cpu", "eval.bins=[]",
+    ]
+    if load_job(path).distill.methods:
+        overrides.append(f"distill.teacher={trained_teacher}")
+    summary = Trainer(load_job(path, overrides), progress=False).fit()
+    assert summary["step"] == 2 and math.isfinite(summary["loss"])
 
 
 def test_init_from_starts_the_student_from_a_checkpoint(tiny_job, tmp_path):

@@ -107,7 +107,9 @@ class Distiller(nn.Module):
         if "shrinkteanet" in self.methods:
             self.shrinkteanet = IntermediateAngularDistiller(student, teacher)
         if "srrl" in self.methods:
-            self.srrl = SRRLConnector(student.feature_channels[-1], teacher.feature_channels[-1])
+            # no ReLU: IResNet and MobileFaceNet stage outputs are not rectified (the official connector
+            # follows post-ReLU ResNet features), so a ReLU would keep the connector from matching them
+            self.srrl = SRRLConnector(student.feature_channels[-1], teacher.feature_channels[-1], relu=False)
             # W_Tᵀ W_T of the frozen, normalised centres: computed once, D×D (DESIGN.md point 4)
             self.register_buffer("srrl_gram", teacher_gram(teacher_head.weight, normalized=True), persistent=False)
 
