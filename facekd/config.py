@@ -34,6 +34,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 decodes in the training process)."""
     resampled: bool = True
     """Draw shards with replacement each epoch (an infinite stream with a fixed epoch length)."""
+    unlabeled_manifest: str | None = None
+    """Shards read WITHOUT labels for the distillation terms on unlabeled data and the mixup of
+    ``distill.unlabeled`` (SRRL thesis Sec. 4.2.2); any shards ``facekd data convert`` wrote will do."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be at least 16, got {self.image_size}")
@@ -191,6 +194,31 @@ class TripletConfig:
 
 
 @dataclass(kw_only=True)
+class UnlabeledConfig:
+    """Distillation on unlabeled data (thesis Sec. 4.2.2, Eq. 4.9-4.12); active with ``data.unlabeled_manifest``.
+
+    Each step also draws a batch of unlabeled images: the label-free distillation terms run on it with
+    weight λ (Eq. 4.9), and labeled and unlabeled images are mixed, the student imitating the mixed
+    teacher logits (Eq. 4.11-4.12).
+    """
+
+    weight: float = 1.0
+    """λ of Eq. 4.9: weight of the distillation terms on the unlabeled batch."""
+    mixup_weight: float = 1.0
+    """Weight of L_mixup (Eq. 4.12); 0 disables the mixup."""
+    mixup_alpha: float = 1.0
+    """λ ~ Beta(α, α), then λ' = max(λ, 1 − λ) (Eq. 4.11); the thesis gives no α, mixup's CIFAR code uses 1."""
+    mixup_temperature: float = 4.0
+    """τ of Eq. 4.12 (the thesis's KD baseline uses T = 4, Sec. 4.4)."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check(self.mixup_weight >= 0, "mixup_weight", f"must be >= 0, got {self.mixup_weight}")
+        _check(self.mixup_alpha > 0, "mixup_alpha", f"must be positive, got {self.mixup_alpha}")
+        _check(self.mixup_temperature > 0, "mixup_temperature", f"must be positive, got {self.mixup_temperature}")
+
+
+@dataclass(kw_only=True)
 class DistillConfig:
     methods: dict[str, float] = field(default_factory=dict)
     """Distillation terms and their weights, e.g. ``{gkd: 1.0}`` or ``{kd: 1.0, triplet: 0.5}``; empty:
@@ -207,6 +235,7 @@ class DistillConfig:
     rkd: RKDConfig = field(default_factory=RKDConfig)
     srrl: SRRLConfig = field(default_factory=SRRLConfig)
     triplet: TripletConfig = field(default_factory=TripletConfig)
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(DISTILL_METHODS))
@@ -295,6 +324,12 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.unlabeled_manifest is not None:
+            _check(self.distill.teacher is not None and bool(set(self.distill.methods) - {"triplet"}), "distill.methods",
+                   "must name a distillation method with a teacher when data.unlabeled_manifest is set "
+                   "(unlabeled images are learnt from the teacher's outputs)")
 
 
 class _FieldError(ValueError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
 from facekd.data.loader import build_train_loader
 from facekd.distill.distiller import Distiller, Outputs
+from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
@@ -146,6 +148,15 @@ class Trainer:
             pin_memory=device.type == "cuda",
         )
 
+        # the unlabeled stream of SRRL's extension, in step with the labeled one
+        unlabeled = None
+        if job.data.unlabeled_manifest is not None:
+            unlabeled = iter(build_train_loader(
+                job.data.unlabeled_manifest, batch_size=train.batch_size, image_size=job.data.image_size,
+                num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed + 1,
+                start_batch=step, resampled=True, base_url=None, pin_memory=device.type == "cuda", use_labels=False,
+            ))
+
         # build the student (or teacher) backbone and head
         backbone, head = build_network(job.model, job.head, loader.num_classes, job.data.image_size)
         if job.model.init_from and not state:
@@ -222,6 +233,9 @@ class Trainer:
                         with torch.no_grad():
                             teacher_outputs = _forward(teacher, images, distiller.needs_stages)
                     distill_loss, _ = distiller(student, teacher_outputs, labels, step)
+                    if unlabeled is not None:
+                        distill_loss = distill_loss + self._unlabeled_loss(
+                            backbone, teacher, distiller, images, teacher_outputs, next(unlabeled), step, device)
                 loss = label_loss + distill_loss
 
                 # backward, clip, step
@@ -303,6 +317,26 @@ class Trainer:
                 "(only the train section may change, e.g. more steps)"
             )
         return state
+
+    def _unlabeled_loss(
+        self, backbone: StagedBackbone, teacher: StagedBackbone, distiller: Distiller, images: torch.Tensor,
+        teacher_outputs: Outputs, batch: Any, step: int, device: torch.device,
+    ) -> torch.Tensor:
+        """SRRL thesis Sec. 4.2.2: λ·L_KD(U) (Eq. 4.9) plus the mixup term (Eq. 4.11-4.12) for one step."""
+        config = self.job.distill.unlabeled
+        unlabeled_images = batch.images.to(device, non_blocking=True)
+        student = _forward(backbone, unlabeled_images, distiller.needs_stages)
+        with torch.no_grad():
+            teacher_unlabeled = _forward(teacher, unlabeled_images, distiller.needs_stages)
+        loss, _ = distiller(student, teacher_unlabeled, None, step)
+        loss = config.weight * loss
+        if config.mixup_weight > 0:
+            # λ drawn from (seed, step): a resumed run mixes exactly as an uninterrupted one
+            rng = np.random.default_rng([self.job.train.seed, step])
+            mixed, lam = mixup_labeled_unlabeled(images, unlabeled_images, config.mixup_alpha, rng)
+            mixup = distiller.mixup_loss(backbone(mixed), (teacher_outputs.embedding, teacher_unlabeled.embedding), lam)
+            loss = loss + distiller.ramp(step) * config.mixup_weight * mixup
+        return loss
 
     def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:
         """Start from ``model.init_from``: its backbone, and its head when it has the same classes."""

@@ -142,10 +142,32 @@ def test_shipped_student_specs_run_on_synthetic_shards(path, tiny_data, trained_
         "model.width=0.25", "model.embedding_dim=16", "model.init_from=null", "head.s=16.0", f"train.output_dir={tmp_path / 'run'}",
         "train.steps=2", "train.batch_size=8", "train.device=cpu", "eval.bins=[]",
     ]
-    if load_job(path).distill.methods:
+    spec = load_job(path)
+    if spec.distill.methods:
         overrides.append(f"distill.teacher={trained_teacher}")
+    if spec.data.unlabeled_manifest:
+        overrides.append(f"data.unlabeled_manifest={tiny_data / 'shards'}")
     summary = Trainer(load_job(path, overrides), progress=False).fit()
     assert summary["step"] == 2 and math.isfinite(summary["loss"])
+
+
+@pytest.mark.parametrize("methods", [{"kd": 1.0, "dkd": 1.0}, {"srrl": 1.0}])
+def test_unlabeled_extension_trains_and_resumes_exactly(tiny_job, tiny_data, trained_teacher, tmp_path, methods):
+    """SRRL thesis Sec. 4.2.2: an unlabeled stream (here the same shards read without labels) and mixup."""
+
+    def job(name):
+        return job_from_dict(tiny_job(
+            name, data={"unlabeled_manifest": str(tiny_data / "shards")},
+            model={"backbone": "mobilefacenet", "width": 0.25},
+            distill={"methods": methods, "teacher": str(trained_teacher), "unlabeled": {"mixup_weight": 0.5}},
+            train={"steps": 4, "checkpoint_every": 2},
+        ))
+
+    whole = Trainer(job("whole"), progress=False).fit()
+    assert whole["step"] == 4 and math.isfinite(whole["loss"])
+    Trainer(job("parts"), progress=False).fit(stop_after=2)
+    Trainer(job("parts"), resume=True, progress=False).fit()
+    _assert_same_weights(_weights(tmp_path / "whole", 4), _weights(tmp_path / "parts", 4))
 
 
 def test_init_from_starts_the_student_from_a_checkpoint(tiny_job, tmp_path):

@@ -61,7 +61,7 @@ class Batch(NamedTuple):
     """One training batch.
 
     images: float32 [B, 3, H, W], normalised to (x − 127.5) / 128, RGB.
-    labels: int64 [B], class ids in [0, num_classes).
+    labels: int64 [B], class ids in [0, num_classes); −1 everywhere for a stream read without labels.
     num_corrupt: samples of this batch whose image was missing or did not decode (slots refilled).
     num_unlabelled: samples of this batch without a ``.cls`` entry (slots refilled).
     index: the batch's global index (counted over epochs) on this rank.
@@ -165,6 +165,7 @@ class ShardStream(IterableDataset):
         start_batch: int = 0,
         resampled: bool = True,
         flip: bool = True,
+        use_labels: bool = True,
     ) -> None:
         super().__init__()
         if len(shard_urls) != len(shard_sizes) or not shard_urls:
@@ -210,6 +211,7 @@ class ShardStream(IterableDataset):
         self.start_batch = start_batch
         self.resampled = resampled
         self.flip = flip
+        self.use_labels = use_labels
 
     # sample streams
 
@@ -273,18 +275,25 @@ class ShardStream(IterableDataset):
         label_tensor = torch.tensor([labels[position] for position in order], dtype=torch.int64)
         return Batch(stacked, label_tensor, num_corrupt, num_unlabelled, index)
 
-    def _decode_sample(self, sample: dict[str, Any]) -> tuple[torch.Tensor | None, int | None]:
-        """(image or None if corrupt, label or None if missing) of a raw sample."""
-        where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+    def _label(self, sample: dict[str, Any], where: str) -> int | None:
+        """The sample's class id, None when it has none; an id outside the manifest's classes is an error."""
         if "cls" not in sample:
             logger.warning("%s has no .cls; skipped", where)
-            return None, None
+            return None
         try:
             label = int(sample["cls"])
         except ValueError:
             raise ShardReadError(f"{where}: .cls should be a decimal class id, got {sample['cls'][:20]!r}") from None
         if not 0 <= label < self.num_classes:
             raise ShardReadError(f"{where}: class {label} outside [0, {self.num_classes}) of the manifest")
+        return label
+
+    def _decode_sample(self, sample: dict[str, Any]) -> tuple[torch.Tensor | None, int | None]:
+        """(image or None if corrupt, label or None if missing) of a raw sample."""
+        where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+        label = self._label(sample, where) if self.use_labels else -1
+        if label is None:
+            return None, None
         data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
         if data is None:
             logger.warning("%s has no %s image; skipped", where, "/".join(IMAGE_KEYS))
@@ -365,6 +374,7 @@ def build_train_loader(
     base_url: str | None = None,
     flip: bool = True,
     pin_memory: bool = False,
+    use_labels: bool = True,
 ) -> ShardLoader:
     """Builds the training batch stream of one rank from a shard manifest written by ``convert_to_shards``.
 
@@ -383,6 +393,8 @@ def build_train_loader(
             URL prefix, or any webdataset URL template holding ``{name}`` (e.g. ``pipe:aws s3 cp s3://b/{name} -``).
         flip: random horizontal flips.
         pin_memory: pin batches (for host-to-GPU copies).
+        use_labels: False reads images only (labels −1): an unlabeled stream, e.g. SRRL's extension to
+            unlabeled data. Its samples need no ``.cls``.
 
     Raises FileNotFoundError / ValueError for a missing or invalid manifest and for missing local shards.
     """
@@ -421,5 +433,6 @@ def build_train_loader(
         start_batch=start_batch,
         resampled=resampled,
         flip=flip,
+        use_labels=use_labels,
     )
     return ShardLoader(stream, num_samples, pin_memory=pin_memory)

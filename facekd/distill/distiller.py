@@ -40,7 +40,7 @@ from facekd.distill.fitnet import FitNetAdapter, fitnet_loss
 from facekd.distill.logit import kd_loss
 from facekd.distill.relational import rkd_loss
 from facekd.distill.shrinkteanet import IntermediateAngularDistiller
-from facekd.distill.srrl import SRRLConnector, srrl_fm_loss, srrl_sr_loss_gram, teacher_gram
+from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_fm_loss, srrl_sr_loss_gram, teacher_gram
 from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
 from facekd.heads import MarginHead
 from facekd.kernels import grouped_kd_loss
@@ -119,11 +119,27 @@ class Distiller(nn.Module):
             return 1.0
         return min(math.floor(step / self.batches_per_epoch) / self.config.warmup_epochs, 1.0)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = {name: weight * self._term(name, student, teacher, labels) for name, weight in self.methods.items()}
-        ramp = self.ramp(step)
-        total = ramp * sum(terms.values(), torch.zeros((), device=labels.device))
+    def needs_labels(self, name: str) -> bool:
+        """Whether method ``name`` reads the labels (so cannot run on an unlabeled batch)."""
+        return name in ("dkd", "triplet") or (name == "gkd" and self.config.gkd.force_target)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, labels: Tensor | None, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(ramped total, {method: weighted term}); ``labels`` None (an unlabeled batch) leaves out the
+        methods that need labels."""
+        terms = {name: weight * self._term(name, student, teacher, labels) for name, weight in self.methods.items()
+                 if labels is not None or not self.needs_labels(name)}
+        total = self.ramp(step) * sum(terms.values(), torch.zeros((), device=student.embedding.device))
         return total, terms
+
+    def mixup_loss(self, student_embedding: Tensor, teacher_embeddings: tuple[Tensor, Tensor], lam: float) -> Tensor:
+        """SRRL thesis Eq. 4.12: τ²·KL of the student on x' = λ' x_l + (1 − λ') x_u against the mixed
+        teacher logits y' = λ' z_T(x_l) + (1 − λ') z_T(x_u) (Eq. 4.11), both softened by τ."""
+        labeled, unlabeled = (self.teacher_head.logits(embedding.detach()) for embedding in teacher_embeddings)
+        student_logits = self.student_head.logits(student_embedding)
+        return kd_loss(student_logits, mixed_soft_targets(labeled, unlabeled, lam),
+                       temperature=self.config.unlabeled.mixup_temperature)
 
     def _term(self, name: str, student: Outputs, teacher: Outputs | None, labels: Tensor) -> Tensor:
         c = self.config

@@ -133,6 +133,22 @@ def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path: Path, 
     assert torch.equal(by_label[0], decode_image(encode(0), IMAGE))
 
 
+def test_an_unlabeled_stream_reads_images_without_classes(tmp_path: Path) -> None:
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        writer.write({"__key__": "000000000", "jpg": encode(0), "cls": b"0"})
+        writer.write({"__key__": "000000001", "jpg": encode(1)})  # no class: fine without labels
+        writer.write({"__key__": "000000002", "jpg": encode(2)[:40]})  # truncated JPEG: still skipped
+        writer.write({"__key__": "000000003", "jpg": encode(3), "cls": b"99"})  # out of range: ignored
+    write_manifest(tmp_path, [4], num_classes=1)
+    loader = build_train_loader(tmp_path, batch_size=4, image_size=IMAGE, num_workers=0, shuffle_buffer=0,
+                                resampled=False, flip=False, use_labels=False)
+    batch = take(loader, 1)[0]
+    assert (batch.num_corrupt, batch.num_unlabelled) == (1, 0)
+    assert batch.labels.tolist() == [-1, -1, -1, -1]
+    decoded = {tuple(decode_image(encode(seed), IMAGE).flatten()[:8].tolist()) for seed in (0, 1, 3)}
+    assert {tuple(image.flatten()[:8].tolist()) for image in batch.images} == decoded
+
+
 def test_missing_shard_and_bad_manifest_errors(shards: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

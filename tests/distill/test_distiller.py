@@ -146,3 +146,32 @@ def test_methods_refuse_mismatched_networks():
         _distiller(DistillConfig(methods={"kd": 1.0}, teacher="t"), student, student_head, teacher, other_head)
     with pytest.raises(ValueError, match="need a teacher"):
         _distiller(DistillConfig(methods={"kd": 1.0}, teacher="t"), student, student_head, None, None)
+
+
+def test_an_unlabeled_batch_leaves_out_the_methods_that_need_labels():
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={"kd": 1.0, "dkd": 1.0, "triplet": 1.0, "rkd": 1.0}, teacher="t")
+    distiller = _distiller(config, student, student_head, teacher, teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    total, terms = distiller(student_outputs, teacher_outputs, None, step=0)
+    assert set(terms) == {"kd", "rkd"}
+    assert math.isclose(total.item(), terms["kd"].item() + terms["rkd"].item(), rel_tol=1e-12)
+    forced = DistillConfig(methods={"gkd": 1.0}, teacher="t", gkd=GKDConfig(force_target=True))
+    assert _distiller(forced, student, student_head, teacher, teacher_head).needs_labels("gkd")
+
+
+def test_mixup_loss_is_kd_against_mixed_teacher_logits():
+    """SRRL thesis Eq. 4.11-4.12: τ²·KL(softmax(y'/τ) ‖ softmax(z_S(x')/τ)), y' = λ' z_T,l + (1 − λ') z_T,u."""
+    student, student_head, teacher, teacher_head = _networks()
+    distiller = _distiller(DistillConfig(methods={"kd": 1.0}, teacher="t"), student, student_head, teacher,
+                           teacher_head)
+    generator = torch.Generator().manual_seed(3)
+    mixed_student = torch.randn(BATCH, DIM, dtype=torch.float64, generator=generator, requires_grad=True)
+    teacher_l, teacher_u = (torch.randn(BATCH, DIM, dtype=torch.float64, generator=generator) for _ in range(2))
+    loss = distiller.mixup_loss(mixed_student, (teacher_l, teacher_u), 0.7)
+    target = 0.7 * _cos_logits(teacher_l, teacher_head) + 0.3 * _cos_logits(teacher_u, teacher_head)
+    expected = _reference_kd(_cos_logits(mixed_student, student_head), target, 4.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, mixed_student)
+    (expected_grad,) = torch.autograd.grad(expected, mixed_student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
