@@ -151,7 +151,7 @@ class DKDConfig:
 
 @dataclass(kw_only=True)
 class FeatureConfig:
-    """Where a feature-matching method (FitNet, Wang & Lan's hidden L2) takes its hint."""
+    """Where FitNet takes its hint."""
 
     stage: int = 3
     """Backbone stage (0-3) whose output the student matches through an adapter (FitNet: the middle; faces: last)."""
@@ -239,8 +239,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(DISTILL_METHODS))
-        _check(not unknown, "methods", f"has unknown method {unknown[0] if unknown else ''!r}; known: {DISTILL_METHODS}")
-        _check(all(weight >= 0 for weight in self.methods.values()), "methods", f"weights must be >= 0, got {self.methods}")
+        _check(not unknown, "methods",
+               f"has unknown method {unknown[0] if unknown else ''!r}; known: {DISTILL_METHODS}")
+        _check(all(weight >= 0 for weight in self.methods.values()), "methods",
+               f"weights must be >= 0, got {self.methods}")
         needs_teacher = set(self.methods) - {"triplet"}
         if needs_teacher:
             _check(self.teacher is not None, "teacher", f"is required for {sorted(needs_teacher)}")
@@ -327,7 +329,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.data.unlabeled_manifest is not None:
-            _check(self.distill.teacher is not None and bool(set(self.distill.methods) - {"triplet"}), "distill.methods",
+            learns_from_teacher = bool(set(self.distill.methods) - {"triplet"})
+            _check(self.distill.teacher is not None and learns_from_teacher, "distill.methods",
                    "must name a distillation method with a teacher when data.unlabeled_manifest is set "
                    "(unlabeled images are learnt from the teacher's outputs)")
 

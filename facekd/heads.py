@@ -26,7 +26,8 @@ class MarginHead(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, config: HeadConfig) -> None:
         super().__init__()
         if num_classes < 1 or embedding_dim < 1:
-            raise ValueError(f"a head needs num_classes >= 1 and embedding_dim >= 1, got {num_classes}, {embedding_dim}")
+            raise ValueError(
+                f"a head needs num_classes >= 1 and embedding_dim >= 1, got {num_classes}, {embedding_dim}")
         self.config = config
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim).normal_(0.0, CENTRE_INIT_STD))
 

@@ -77,7 +77,9 @@ def lr_factor(step: int, job: JobConfig) -> float:
     return optim.gamma ** sum(step >= milestone for milestone in optim.milestones)
 
 
-def build_network(model: ModelConfig, head: HeadConfig, num_classes: int, image_size: int) -> tuple[StagedBackbone, MarginHead]:
+def build_network(
+    model: ModelConfig, head: HeadConfig, num_classes: int, image_size: int
+) -> tuple[StagedBackbone, MarginHead]:
     """A freshly initialised backbone and head."""
     backbone = build_backbone(
         model.backbone, embedding_dim=model.embedding_dim, width=model.width, image_size=image_size,
@@ -111,6 +113,58 @@ def _forward(backbone: StagedBackbone, images: torch.Tensor, with_stages: bool) 
     return Outputs(backbone(images), None)
 
 
+class _LogWindow:
+    """Loss sums over a logging window, kept on the device so that the step loop never waits for it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, device=device)  # label loss, distillation loss
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.skipped = 0  # corrupt or unlabelled samples of the whole run (host counts from the loader)
+
+    def add(self, label_loss: torch.Tensor, distill_loss: torch.Tensor, skipped: int) -> None:
+        self.sums += torch.stack([label_loss.detach(), distill_loss.detach()])
+        self.steps += 1
+        self.skipped += skipped
+
+    def read(self, batch_size: int) -> tuple[float, float, float]:
+        """(mean label loss, mean distillation loss, images/s) of the window, which then starts again."""
+        label_mean, distill_mean = (self.sums / self.steps).tolist()
+        images_per_second = self.steps * batch_size / (time.perf_counter() - self.start)
+        self.sums.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return label_mean, distill_mean, images_per_second
+
+
+@dataclass
+class _Run:
+    """The parts of one training run, built by :meth:`Trainer._build` in a fixed order."""
+
+    device: torch.device
+    autocast: Any  # torch.autocast, or a null context for fp32
+    step: int
+    loader: Any  # ShardLoader of the labeled shards
+    unlabeled: Any  # iterator of unlabeled batches, or None
+    backbone: StagedBackbone
+    head: MarginHead
+    teacher: StagedBackbone | None
+    distiller: Distiller
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state(self, job: JobConfig) -> dict[str, Any]:
+        """What a checkpoint holds: enough to continue exactly where the run is."""
+        return {
+            "format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": self.loader.num_classes,
+            "step": self.step, "backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+            "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+
 class Trainer:
     """Trains the network of one job spec; :meth:`fit` runs it to ``train.steps`` (or resumes it)."""
 
@@ -122,39 +176,52 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
 
     def fit(self, *, stop_after: int | None = None) -> dict[str, Any]:
-        """Train; returns a summary (steps, final loss, images/s, checkpoint).
+        """Train; returns a summary (steps, final loss, images/s, checkpoint, verification accuracies).
 
         ``stop_after`` ends this call after that many steps, as an interruption would (for tests and
         for time-sliced runs); a later ``resume=True`` run continues from the last checkpoint.
         """
         job, train = self.job, self.job.train
+        state = self._resume_state()
+        if state and state["step"] >= train.steps:
+            logger.info("%s already finished: checkpoint at step %d of %d", job.name, state["step"], train.steps)
+            return {"name": job.name, "step": state["step"], "steps_run": 0,
+                    "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
+        run = self._build(state)
+        last_step = train.steps if stop_after is None else min(train.steps, run.step + stop_after)
+        summary = self._train(run, last_step)
+        # evaluate the finished network on the job's verification sets
+        if run.step == train.steps and job.eval.bins:
+            from facekd.eval import evaluate_checkpoints
+
+            rows = evaluate_checkpoints([self.checkpoint_dir], job.eval.bins, out_dir=self.output_dir / "eval",
+                                        device=train.device, batch_size=job.eval.batch_size, progress=self.progress)
+            summary["verification"] = {row["dataset"]: row["accuracy"] for row in rows}
+        return summary
+
+    def _build(self, state: dict[str, Any] | None) -> _Run:
+        job, train = self.job, self.job.train
         # pick the device and numerics
         device = resolve_device(train.device)
         autocast_dtype = resolve_precision(train.precision, device)
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32
+                    else nullcontext())
         torch.manual_seed(train.seed)
-
-        # find where we start
-        state = self._resume_state()
         step = state["step"] if state else 0
-        if step >= train.steps:
-            logger.info("%s already finished: checkpoint at step %d of %d", job.name, step, train.steps)
-            return {"name": job.name, "step": step, "steps_run": 0, "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
 
-        # build the data stream, positioned at the step
+        # build the data streams, positioned at the step (the unlabeled one only for SRRL's extension)
         loader = build_train_loader(
             job.data.manifest, batch_size=train.batch_size, image_size=job.data.image_size,
             num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed,
             start_batch=step, resampled=job.data.resampled, base_url=job.data.base_url,
             pin_memory=device.type == "cuda",
         )
-
-        # the unlabeled stream of SRRL's extension, in step with the labeled one
         unlabeled = None
         if job.data.unlabeled_manifest is not None:
             unlabeled = iter(build_train_loader(
                 job.data.unlabeled_manifest, batch_size=train.batch_size, image_size=job.data.image_size,
                 num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed + 1,
-                start_batch=step, resampled=True, base_url=None, pin_memory=device.type == "cuda", use_labels=False,
+                start_batch=step, resampled=True, pin_memory=device.type == "cuda", use_labels=False,
             ))
 
         # build the student (or teacher) backbone and head
@@ -186,118 +253,92 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
             logger.info("%s: resumed from step %d", job.name, step)
+        return _Run(device, autocast, step, loader, unlabeled, backbone, head, teacher, distiller, parameters,
+                    optimizer, scheduler, scaler)
 
-        # log to TensorBoard and a progress bar
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step)
+    def _train(self, run: _Run, last_step: int) -> dict[str, Any]:
+        """Steps until ``last_step`` with logging and checkpoints; returns the run's summary."""
+        job, train = self.job, self.job.train
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "job.json").write_text(json.dumps(job_to_dict(job), indent=2) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
 
-        def checkpoint(at_step: int) -> Path:
-            return save_checkpoint(
-                {
-                    "format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": loader.num_classes,
-                    "step": at_step, "backbone": backbone.state_dict(), "head": head.state_dict(),
-                    "distiller": distiller.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                },
-                self.checkpoint_dir, at_step, keep=train.keep_checkpoints,
-            )
-
-        last_step = train.steps if stop_after is None else min(train.steps, step + stop_after)
-        autocast = (
-            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32 else nullcontext()
-        )
-        # running sums stay on the device; read at logging intervals only
-        sums = torch.zeros(3, device=device)  # label loss, distillation loss, skipped samples
-        window_steps, window_start = 0, time.perf_counter()
-        start_step, run_start = step, time.perf_counter()
+        writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=run.step)
+        window = _LogWindow(run.device)
+        start_step, run_start = run.step, time.perf_counter()
         images_per_second = final_loss = float("nan")
-        bar = tqdm(total=train.steps, initial=step, desc=job.name, unit="step", disable=not self.progress)
-        batches = iter(loader)
+        bar = tqdm(total=train.steps, initial=run.step, desc=job.name, unit="step", disable=not self.progress)
+        batches = iter(run.loader)
         try:
-            while step < last_step:
+            while run.step < last_step:
                 batch = next(batches)
-                images = batch.images.to(device, non_blocking=True)
-                labels = batch.labels.to(device, non_blocking=True)
+                label_loss, distill_loss = self._step(run, batch)
+                run.step += 1
+                window.add(label_loss, distill_loss, batch.num_corrupt + batch.num_unlabelled)
 
-                # forward: student backbone, margin loss (fp32 centres, outside autocast), distillation
-                with autocast:
-                    student = _forward(backbone, images, distiller.needs_stages)
-                label_loss = head(student.embedding, labels)
-                with autocast:
-                    teacher_outputs = None
-                    if distiller.needs_teacher:
-                        with torch.no_grad():
-                            teacher_outputs = _forward(teacher, images, distiller.needs_stages)
-                    distill_loss, _ = distiller(student, teacher_outputs, labels, step)
-                    if unlabeled is not None:
-                        distill_loss = distill_loss + self._unlabeled_loss(
-                            backbone, teacher, distiller, images, teacher_outputs, next(unlabeled), step, device)
-                loss = label_loss + distill_loss
-
-                # backward, clip, step
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if job.optim.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(parameters, job.optim.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                window_steps += 1
-                sums += torch.stack([label_loss.detach(), distill_loss.detach(),
-                                     torch.tensor(float(batch.num_corrupt + batch.num_unlabelled), device=device)])
-
-                if step % train.log_every == 0 or step == last_step:
-                    label_mean, distill_mean, skipped = (sums / torch.tensor([window_steps, window_steps, 1],
-                                                                             device=device)).tolist()
-                    if not math.isfinite(label_mean + distill_mean):
-                        raise FloatingPointError(f"{job.name}: loss became {label_mean + distill_mean} at step {step}")
-                    elapsed = time.perf_counter() - window_start
-                    images_per_second = window_steps * train.batch_size / elapsed
-                    lr = scheduler.get_last_lr()[0]
+                # log (the only host synchronisation of the loop) and checkpoint
+                if run.step % train.log_every == 0 or run.step == last_step:
+                    label_mean, distill_mean, images_per_second = window.read(train.batch_size)
+                    final_loss = label_mean + distill_mean
+                    if not math.isfinite(final_loss):
+                        raise FloatingPointError(f"{job.name}: loss became {final_loss} at step {run.step}")
+                    lr = run.scheduler.get_last_lr()[0]
                     for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean), ("lr", lr),
                                        ("images_per_second", images_per_second)):
-                        writer.add_scalar(tag, value, step)
-                    if skipped:
-                        logger.warning("%s: %d corrupt or unlabelled samples skipped before step %d",
-                                       job.name, int(skipped), step)
+                        writer.add_scalar(tag, value, run.step)
                     postfix = {"loss": f"{label_mean:.3f}", "lr": f"{lr:.4f}", "img/s": f"{images_per_second:.0f}"}
-                    if distiller.methods:
+                    if run.distiller.methods:
                         postfix["kd"] = f"{distill_mean:.3f}"
                     bar.set_postfix(postfix)
-                    sums.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                    final_loss = label_mean + distill_mean
-                if step % train.checkpoint_every == 0 or step == last_step:
-                    checkpoint(step)
+                if run.step % train.checkpoint_every == 0 or run.step == last_step:
+                    save_checkpoint(run.state(job), self.checkpoint_dir, run.step, keep=train.keep_checkpoints)
                 bar.update(1)
         finally:
             bar.close()
             writer.close()
-        run_seconds = time.perf_counter() - run_start
-        summary = {
+        if window.skipped:
+            logger.warning("%s: %d corrupt or unlabelled samples were skipped (their slots refilled)",
+                           job.name, window.skipped)
+        seconds = time.perf_counter() - run_start
+        return {
             "name": job.name,
-            "step": step,
-            "steps_run": step - start_step,
+            "step": run.step,
+            "steps_run": run.step - start_step,
             "loss": final_loss,
-            "images_per_second": (step - start_step) * train.batch_size / run_seconds,
+            "images_per_second": (run.step - start_step) * train.batch_size / seconds,
             "last_window_images_per_second": images_per_second,
-            "seconds": run_seconds,
+            "seconds": seconds,
             "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
         }
-        # evaluate the finished network on the job's verification sets
-        if step == train.steps and job.eval.bins:
-            from facekd.eval import evaluate_checkpoints
 
-            rows = evaluate_checkpoints([self.checkpoint_dir], job.eval.bins, out_dir=self.output_dir / "eval",
-                                        device=train.device, batch_size=job.eval.batch_size, progress=self.progress)
-            summary["verification"] = {row["dataset"]: row["accuracy"] for row in rows}
-        return summary
+    def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on ``batch``; returns (label loss, distillation loss), on the device."""
+        images = batch.images.to(run.device, non_blocking=True)
+        labels = batch.labels.to(run.device, non_blocking=True)
+
+        # forward: student backbone, margin loss (fp32 centres, outside autocast), distillation
+        with run.autocast:
+            student = _forward(run.backbone, images, run.distiller.needs_stages)
+        label_loss = run.head(student.embedding, labels)
+        with run.autocast:
+            teacher_outputs = None
+            if run.distiller.needs_teacher:
+                with torch.no_grad():
+                    teacher_outputs = _forward(run.teacher, images, run.distiller.needs_stages)
+            distill_loss, _ = run.distiller(student, teacher_outputs, labels, run.step)
+            if run.unlabeled is not None:
+                distill_loss = distill_loss + self._unlabeled_loss(run, images, teacher_outputs, next(run.unlabeled))
+
+        # backward, clip, step
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(label_loss + distill_loss).backward()
+        if self.job.optim.clip_grad_norm > 0:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.parameters, self.job.optim.clip_grad_norm)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        return label_loss.detach(), distill_loss.detach()
 
     def _resume_state(self) -> dict[str, Any] | None:
         """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one)."""
@@ -318,24 +359,22 @@ class Trainer:
             )
         return state
 
-    def _unlabeled_loss(
-        self, backbone: StagedBackbone, teacher: StagedBackbone, distiller: Distiller, images: torch.Tensor,
-        teacher_outputs: Outputs, batch: Any, step: int, device: torch.device,
-    ) -> torch.Tensor:
+    def _unlabeled_loss(self, run: _Run, images: torch.Tensor, teacher_outputs: Outputs, batch: Any) -> torch.Tensor:
         """SRRL thesis Sec. 4.2.2: λ·L_KD(U) (Eq. 4.9) plus the mixup term (Eq. 4.11-4.12) for one step."""
         config = self.job.distill.unlabeled
-        unlabeled_images = batch.images.to(device, non_blocking=True)
-        student = _forward(backbone, unlabeled_images, distiller.needs_stages)
+        unlabeled_images = batch.images.to(run.device, non_blocking=True)
+        student = _forward(run.backbone, unlabeled_images, run.distiller.needs_stages)
         with torch.no_grad():
-            teacher_unlabeled = _forward(teacher, unlabeled_images, distiller.needs_stages)
-        loss, _ = distiller(student, teacher_unlabeled, None, step)
+            teacher_unlabeled = _forward(run.teacher, unlabeled_images, run.distiller.needs_stages)
+        loss, _ = run.distiller(student, teacher_unlabeled, None, run.step)
         loss = config.weight * loss
         if config.mixup_weight > 0:
             # λ drawn from (seed, step): a resumed run mixes exactly as an uninterrupted one
-            rng = np.random.default_rng([self.job.train.seed, step])
+            rng = np.random.default_rng([self.job.train.seed, run.step])
             mixed, lam = mixup_labeled_unlabeled(images, unlabeled_images, config.mixup_alpha, rng)
-            mixup = distiller.mixup_loss(backbone(mixed), (teacher_outputs.embedding, teacher_unlabeled.embedding), lam)
-            loss = loss + distiller.ramp(step) * config.mixup_weight * mixup
+            mixup = run.distiller.mixup_loss(run.backbone(mixed), (teacher_outputs.embedding,
+                                                                    teacher_unlabeled.embedding), lam)
+            loss = loss + run.distiller.ramp(run.step) * config.mixup_weight * mixup
         return loss
 
     def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:

@@ -947,7 +947,8 @@ def margin_logits(
     margin = _Margin.build(s, m1, m2, m3, "exact")
     logits = cosine_logits(embeddings, weight, s=1.0)
     if labels.shape != (logits.shape[0],) or labels.dtype != torch.int64:
-        raise ValueError(f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
     target, _ = reference_margin_target(logits.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7), margin)
     return (s * logits).scatter(1, labels[:, None], target)
 

@@ -131,7 +131,8 @@ def test_every_distillation_method_trains_a_student(tiny_job, trained_teacher, t
     assert bool(state["distiller"]) == has_adapters
 
 
-STUDENT_SPECS = sorted(path for path in (Path(__file__).parents[1] / "jobs").glob("*.yaml") if "teacher" not in path.stem)
+JOBS = Path(__file__).parents[1] / "jobs"
+STUDENT_SPECS = sorted(path for path in JOBS.glob("*.yaml") if "teacher" not in path.stem)
 
 
 @pytest.mark.parametrize("path", STUDENT_SPECS, ids=[path.stem for path in STUDENT_SPECS])
@@ -139,7 +140,8 @@ def test_shipped_student_specs_run_on_synthetic_shards(path, tiny_data, trained_
     """Each shipped job spec as written, pointed at the tiny shards and shrunk to seconds on a CPU."""
     overrides = [
         f"data.manifest={tiny_data / 'shards'}", "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
-        "model.width=0.25", "model.embedding_dim=16", "model.init_from=null", "head.s=16.0", f"train.output_dir={tmp_path / 'run'}",
+        "model.width=0.25", "model.embedding_dim=16", "model.init_from=null", "head.s=16.0",
+        f"train.output_dir={tmp_path / 'run'}",
         "train.steps=2", "train.batch_size=8", "train.device=cpu", "eval.bins=[]",
     ]
     spec = load_job(path)

@@ -40,7 +40,7 @@ from facekd.distill.fitnet import FitNetAdapter, fitnet_loss
 from facekd.distill.logit import kd_loss
 from facekd.distill.relational import rkd_loss
 from facekd.distill.shrinkteanet import IntermediateAngularDistiller
-from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_fm_loss, srrl_sr_loss_gram, teacher_gram
+from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_loss, teacher_gram
 from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
 from facekd.heads import MarginHead
 from facekd.kernels import grouped_kd_loss
@@ -84,7 +84,8 @@ class Distiller(nn.Module):
         self.needs_teacher = any(name != "triplet" for name in self.methods)
         if self.needs_teacher and (teacher is None or teacher_head is None):
             raise ValueError(f"methods {sorted(self.methods)} need a teacher (distill.teacher)")
-        if any(name in _LOGIT_METHODS for name in self.methods) and student_head.num_classes != teacher_head.num_classes:
+        compares_classes = any(name in _LOGIT_METHODS for name in self.methods)
+        if compares_classes and student_head.num_classes != teacher_head.num_classes:
             raise ValueError(
                 f"student and teacher must classify the same identities, got {student_head.num_classes} and "
                 f"{teacher_head.num_classes} classes (train the teacher on the same shards)"
@@ -173,12 +174,11 @@ class Distiller(nn.Module):
                                           align_corners=False)
             # the teacher's classifier on the student's connected feature: its head, then its centres
             through_teacher = self.teacher.head(connected).to(teacher_embedding.dtype)
-            feature_matching = srrl_fm_loss(connected, teacher.stages[-1].detach())
-            softmax_regression = srrl_sr_loss_gram(
-                through_teacher, teacher_embedding, self.srrl_gram, self.teacher_head.num_classes, normalized=True,
-                scale=self.teacher_head.config.s,
+            return srrl_loss(
+                connected, teacher.stages[-1], through_teacher, teacher_embedding, self.srrl_gram,
+                self.teacher_head.num_classes, normalized=True, scale=self.teacher_head.config.s,
+                alpha=c.srrl.alpha, beta=c.srrl.beta,
             )
-            return c.srrl.alpha * feature_matching + c.srrl.beta * softmax_regression
         raise ValueError(f"unknown distillation method {name!r}")
 
     def _gkd(self, student_embedding: Tensor, teacher_embedding: Tensor, labels: Tensor) -> Tensor:
