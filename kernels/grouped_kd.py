@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from facekd.kernels.backend import ENV_VAR, triton_interpreted, use_triton
+from facekd.kernels.margin_ce import cosine_logits
 
 SELECTIONS = ("sample", "batch", "fixed")
 REDUCTIONS = ("mean", "sum", "none")
@@ -1491,8 +1492,8 @@ def grouped_kd_loss_from_embeddings(
             f"or {ENV_VAR}=triton with TRITON_INTERPRET=1"
         )
     return reference_grouped_kd_loss(
-        cosine_logits(student_embeddings, student_centres, s),
-        cosine_logits(teacher_embeddings, teacher_centres, s),
+        cosine_logits(student_embeddings, student_centres, s=s),
+        cosine_logits(teacher_embeddings, teacher_centres, s=s),
         tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
         w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
         force_target=force_target, labels=labels,
@@ -1633,12 +1634,6 @@ def grouped_kd_terms(
         teacher_mass > 0, teacher_mass * (teacher_log_mass - student_log_mass), 0.0
     ).sum(1)
     return GroupedKDTerms(primary, binary, secondary, mask, teacher_mass[:, 0])
-
-
-def cosine_logits(embeddings: torch.Tensor, centres: torch.Tensor, s: float) -> torch.Tensor:
-    """s·cos θ [B, C] of embeddings [B, D] against class centres [C, D] (margin-free logits)."""
-    normalize = torch.nn.functional.normalize
-    return s * normalize(embeddings, dim=1) @ normalize(centres, dim=1).T
 
 
 def reference_grouped_kd_loss(

@@ -569,8 +569,8 @@ def embedding_reference(student, student_centres, teacher, teacher_centres, opti
     """Loss and (embedding, centre) gradients in float64 through the paper reference."""
     student = student.double().requires_grad_(True)
     student_centres = student_centres.double().requires_grad_(True)
-    student_logits = cosine_logits(student, student_centres, s)
-    teacher_logits = cosine_logits(teacher.double(), teacher_centres.double(), s)
+    student_logits = cosine_logits(student, student_centres, s=s)
+    teacher_logits = cosine_logits(teacher.double(), teacher_centres.double(), s=s)
     selection = {key: options[key] for key in ("tau", "temperature", "selection", "k", "labels")
                  if key in options}
     groups = paper_groups(student_logits.detach(), **selection)
