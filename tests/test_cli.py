@@ -61,3 +61,15 @@ def test_train_then_eval(tmp_path, tiny_job, tiny_data):
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert rows[0]["model"] == "cli" and rows[0]["num_pairs"] == 20
     assert (tmp_path / "eval" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_kernels_writes_both_benchmarks(tmp_path):
+    result = facekd("bench", "kernels", "--quick", "--device", "cpu", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    (device_dir,) = tmp_path.iterdir()
+    for bench in ("margin", "gkd"):
+        rows = json.loads((device_dir / f"{bench}.json").read_text())["rows"]
+        assert {row["method"] for row in rows} >= {"facekd"} and all(row["B"] == 8 for row in rows)
+        assert (device_dir / f"{bench}.png").read_bytes()[:4] == b"\x89PNG"
+        assert "|" in (device_dir / f"{bench}.md").read_text()
