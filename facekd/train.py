@@ -8,6 +8,7 @@ receives exactly the batches an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -380,7 +381,8 @@ class Trainer:
     def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:
         """Start from ``model.init_from``: its backbone, and its head when it has the same classes."""
         source = load_network(self.job.model.init_from)
-        if source.job.model != self.job.model.__class__(**{**vars(self.job.model), "init_from": None}):
+        # the architecture must match; where each network itself started from does not matter
+        if dataclasses.replace(source.job.model, init_from=None) != dataclasses.replace(self.job.model, init_from=None):
             raise ValueError(
                 f"model.init_from {self.job.model.init_from} holds a {source.job.model.backbone} "
                 f"(width {source.job.model.width}, {source.job.model.embedding_dim}-d); this job builds a "
@@ -406,12 +408,12 @@ class Trainer:
                 )
             for module in (teacher.backbone, teacher.head):
                 module.requires_grad_(False)
+        if teacher is None:
+            return None, Distiller(config, student=backbone, student_head=head, teacher=None, teacher_head=None,
+                                   batches_per_epoch=batches_per_epoch).to(device).train()
         try:
-            distiller = Distiller(
-                config, student=backbone, student_head=head,
-                teacher=teacher.backbone if teacher else None, teacher_head=teacher.head if teacher else None,
-                batches_per_epoch=batches_per_epoch,
-            )
+            distiller = Distiller(config, student=backbone, student_head=head, teacher=teacher.backbone,
+                                  teacher_head=teacher.head, batches_per_epoch=batches_per_epoch)
         except ValueError as error:
             raise ValueError(f"teacher {config.teacher}: {error}") from None
-        return (teacher.backbone if teacher else None), distiller.to(device).train()
+        return teacher.backbone, distiller.to(device).train()
