@@ -415,7 +415,7 @@ def plot_roc(
         raise ValueError("plot_roc needs at least one curve, got none")
 
     # Agg canvas on a bare Figure: no pyplot, so no global backend switch and no figure registry
-    figure = Figure(figsize=(6.4, 4.8), dpi=120)
+    figure = Figure(figsize=(9.6, 4.8), dpi=120)
     FigureCanvasAgg(figure)
     axes: Axes = figure.add_subplot()
     smallest_far = 1.0
@@ -429,13 +429,15 @@ def plot_roc(
         if positive.size:
             smallest_far = min(smallest_far, float(positive.min()))
     axes.set_xscale("log")
-    axes.set_xlim(min(smallest_far, 1e-4), 1.0)
+    # below the smallest measurable FAR (one false accept) a curve says nothing
+    axes.set_xlim(smallest_far / 2, 1.0)
     axes.set_ylim(0.0, 1.005)
     axes.set_xlabel("false accept rate")
     axes.set_ylabel("true accept rate")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
+    # outside the axes: with several curves an inner legend hides the low-FAR region
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0.0)
     figure.tight_layout()
 
     path = Path(path)
