@@ -89,6 +89,8 @@ class HeadConfig:
 
 DISTILL_METHODS = ("kd", "gkd", "dkd", "fitnet", "rkd", "shrinkteanet", "srrl", "hidden_l2", "triplet")
 """Distillation terms a job can combine (see :mod:`facekd.distill.distiller`)."""
+TEACHERLESS_METHODS = ("triplet",)
+"""Methods that learn from the labels alone, so need no teacher (Wang & Lan's triplet loss)."""
 
 
 @dataclass(kw_only=True)
@@ -237,15 +239,19 @@ class DistillConfig:
     triplet: TripletConfig = field(default_factory=TripletConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
+    @property
+    def teacher_methods(self) -> list[str]:
+        """The named methods that learn from the teacher's outputs."""
+        return sorted(set(self.methods) - set(TEACHERLESS_METHODS))
+
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(DISTILL_METHODS))
         _check(not unknown, "methods",
                f"has unknown method {unknown[0] if unknown else ''!r}; known: {DISTILL_METHODS}")
         _check(all(weight >= 0 for weight in self.methods.values()), "methods",
                f"weights must be >= 0, got {self.methods}")
-        needs_teacher = set(self.methods) - {"triplet"}
-        if needs_teacher:
-            _check(self.teacher is not None, "teacher", f"is required for {sorted(needs_teacher)}")
+        if self.teacher_methods:
+            _check(self.teacher is not None, "teacher", f"is required for {self.teacher_methods}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
 
 
@@ -329,8 +335,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.data.unlabeled_manifest is not None:
-            learns_from_teacher = bool(set(self.distill.methods) - {"triplet"})
-            _check(self.distill.teacher is not None and learns_from_teacher, "distill.methods",
+            _check(self.distill.teacher is not None and bool(self.distill.teacher_methods), "distill.methods",
                    "must name a distillation method with a teacher when data.unlabeled_manifest is set "
                    "(unlabeled images are learnt from the teacher's outputs)")
 

@@ -399,7 +399,7 @@ class Trainer:
         """The frozen teacher backbone (None when no method needs one) and the distillation terms."""
         config = self.job.distill
         teacher = None
-        if config.teacher is not None and any(name != "triplet" for name in config.methods):
+        if config.teacher is not None and config.teacher_methods:
             teacher = load_network(config.teacher, device)
             if teacher.job.data.image_size != self.job.data.image_size:
                 raise ValueError(

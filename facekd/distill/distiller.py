@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facekd.config import DistillConfig
+from facekd.config import TEACHERLESS_METHODS, DistillConfig
 from facekd.distill.dkd import dkd_loss
 from facekd.distill.fitnet import FitNetAdapter, fitnet_loss
 from facekd.distill.logit import kd_loss
@@ -81,7 +81,7 @@ class Distiller(nn.Module):
         self.methods = {name: weight for name, weight in config.methods.items() if weight > 0}
         self.batches_per_epoch = batches_per_epoch
         self.needs_stages = any(name in _STAGE_METHODS for name in self.methods)
-        self.needs_teacher = any(name != "triplet" for name in self.methods)
+        self.needs_teacher = any(name not in TEACHERLESS_METHODS for name in self.methods)
         if self.needs_teacher and (teacher is None or teacher_head is None):
             raise ValueError(f"methods {sorted(self.methods)} need a teacher (distill.teacher)")
         compares_classes = any(name in _LOGIT_METHODS for name in self.methods)
