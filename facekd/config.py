@@ -15,9 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A job spec that cannot be used as written."""
+from facekd.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 
 @dataclass(kw_only=True)
@@ -228,8 +226,10 @@ class DistillConfig:
     teacher: str | None = None
     """Teacher checkpoint or run folder (``facekd train`` output); required when ``methods`` is not empty."""
     warmup_epochs: float = 0.0
-    """The distillation weight ramps as min(epoch / warmup_epochs, 1), epochs counted from 0 (GKD's and
-    DKD's code); 0 disables the ramp."""
+    """The distillation weight ramps as min(epoch / warmup_epochs, 1); 0 disables the ramp."""
+    warmup_first_epoch: Literal[0, 1] = 0
+    """Number of the first epoch in that ramp: 0 as the GKD authors' code counts (the first epoch trains on
+    labels alone), 1 as mdistiller's DKD counts (its first epoch already has weight 1/warmup_epochs)."""
     kd: KDConfig = field(default_factory=KDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     dkd: DKDConfig = field(default_factory=DKDConfig)
