@@ -115,10 +115,13 @@ class Distiller(nn.Module):
             self.register_buffer("srrl_gram", teacher_gram(teacher_head.weight, normalized=True), persistent=False)
 
     def ramp(self, step: int) -> float:
-        """Warm-up factor of every term: min(epoch / warmup_epochs, 1), epochs counted from 0."""
+        """Warm-up factor of every term: min(epoch / warmup_epochs, 1), the first epoch numbered
+        ``warmup_first_epoch`` (0: the GKD authors' code, whose first epoch trains on labels alone;
+        1: mdistiller's DKD, whose first epoch already has weight 1 / warmup_epochs)."""
         if self.config.warmup_epochs == 0:
             return 1.0
-        return min(math.floor(step / self.batches_per_epoch) / self.config.warmup_epochs, 1.0)
+        epoch = math.floor(step / self.batches_per_epoch) + self.config.warmup_first_epoch
+        return min(epoch / self.config.warmup_epochs, 1.0)
 
     def needs_labels(self, name: str) -> bool:
         """Whether method ``name`` reads the labels (so cannot run on an unlabeled batch)."""

@@ -125,12 +125,20 @@ def test_srrl_gram_term_equals_the_direct_form_through_the_teacher_head():
     torch.testing.assert_close(total, feature_matching + softmax_regression, rtol=1e-9, atol=1e-12)
 
 
-def test_terms_combine_with_their_weights_and_ramp_over_warmup_epochs():
+@pytest.mark.parametrize("first_epoch, factors", [
+    # the GKD authors' counting: the first epoch (steps 0-4) trains on labels alone
+    (0, ((0, 0.0), (4, 0.0), (5, 0.25), (12, 0.5), (19, 0.75), (20, 1.0), (99, 1.0))),
+    # mdistiller's DKD counting: the first epoch already has weight 1 / warmup_epochs
+    (1, ((0, 0.25), (4, 0.25), (5, 0.5), (12, 0.75), (14, 0.75), (15, 1.0), (99, 1.0))),
+])
+def test_terms_combine_with_their_weights_and_ramp_over_warmup_epochs(first_epoch, factors):
     student, student_head, teacher, teacher_head = _networks()
-    config = DistillConfig(methods={"kd": 1.0, "rkd": 0.5, "triplet": 0.25}, teacher="t", warmup_epochs=4)
+    config = DistillConfig(methods={"kd": 1.0, "rkd": 0.5, "triplet": 0.25}, teacher="t", warmup_epochs=4,
+                           warmup_first_epoch=first_epoch)
     distiller = _distiller(config, student, student_head, teacher, teacher_head, batches_per_epoch=5)
     student_outputs, teacher_outputs, labels = _batch(student, teacher)
-    for step, factor in ((0, 0.0), (4, 0.0), (5, 0.25), (12, 0.5), (20, 1.0), (99, 1.0)):
+    for step, factor in factors:
+        assert distiller.ramp(step) == factor
         total, terms = distiller(student_outputs, teacher_outputs, labels, step=step)
         assert set(terms) == {"kd", "rkd", "triplet"}
         assert math.isclose(total.item(), factor * sum(term.item() for term in terms.values()), abs_tol=1e-12)
