@@ -1664,3 +1664,77 @@ def reference_grouped_kd_loss(
         + _weight_rows(w_secondary, "w_secondary", terms.secondary) * terms.secondary
     ) * temperature**2  # GKD Eq. 11, with Hinton's T² so gradients keep their scale
     return _reduce(rows.to(student_logits.dtype), reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness cases of the GPU suite (facekd.kernels.checks): the Triton path against the reference
+# ---------------------------------------------------------------------------------------------
+
+from facekd.kernels import checks as _checks  # noqa: E402  (after the functions the cases call)
+
+# Loss and the student's gradients against float64 (atol, rtol of tests/kernels/test_grouped_kd.py).
+TOLERANCES = {
+    torch.float32: _checks.Tolerance(rtol=1e-4, atol=2e-5),
+    torch.float16: _checks.Tolerance(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: _checks.Tolerance(rtol=2e-2, atol=2e-2),
+}
+# ms1mv2 at the paper's batch of 512; k = 10,000 as the authors' distillation/gkd.py. Tiny: odd sizes.
+_REALISTIC = {"B": 512, "C": 85_742, "D": 512, "D_teacher": 512, "k": 10_000}
+_TINY = {"B": 5, "C": 37, "D": 24, "D_teacher": 40, "k": 3}
+_SELECTIONS = {
+    "paper": {},
+    "batch": {"selection": "batch"},
+    "fixed": {"selection": "fixed", "force_target": True},
+}
+
+
+def _case_inputs(shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """Both networks' embeddings near their label's centre (student cos ≈ 0.3, teacher ≈ 0.6), their
+    centres, and the s·cos θ logits they give; labels, k and an incoming gradient."""
+    rng = _checks.generator(device)
+    student, student_centres, labels = _checks.near_centres(shape["B"], shape["C"], shape["D"], noise=3.2,
+                                                            device=device, rng=rng)
+    teacher_centres = torch.randn(shape["C"], shape["D_teacher"], device=device, generator=rng)
+    teacher = teacher_centres[labels] + 1.3 * torch.randn(shape["B"], shape["D_teacher"], device=device,
+                                                          generator=rng)
+    tensors = {"student_embeddings": student, "student_centres": student_centres,
+               "teacher_embeddings": teacher, "teacher_centres": teacher_centres,
+               "student_logits": cosine_logits(student, student_centres, s=64.0),
+               "teacher_logits": cosine_logits(teacher, teacher_centres, s=64.0)}
+    return {**{name: tensor.to(dtype) for name, tensor in tensors.items()}, "labels": labels, "k": shape["k"],
+            "grad_rows": _checks.incoming_gradient(shape["B"], device, rng)}
+
+
+def _case_options(selection: str, inputs: dict) -> dict:
+    options = dict(_SELECTIONS[selection], reduction="none")
+    if selection == "fixed":
+        options.update(k=inputs["k"], labels=inputs["labels"])
+    return options
+
+
+def _case_from_logits(selection: str):
+    def compute(inputs: dict) -> dict:
+        student = _checks.leaf(inputs["student_logits"])
+        rows = grouped_kd_loss(student, inputs["teacher_logits"], **_case_options(selection, inputs))
+        return _checks.loss_and_gradients(rows, inputs["grad_rows"], student_logits=student)
+    return compute
+
+
+def _case_from_embeddings(selection: str):
+    def compute(inputs: dict) -> dict:
+        student = _checks.leaf(inputs["student_embeddings"])
+        centres = _checks.leaf(inputs["student_centres"])
+        rows = grouped_kd_loss_from_embeddings(student, centres, inputs["teacher_embeddings"],
+                                               inputs["teacher_centres"], s=64.0,
+                                               **_case_options(selection, inputs))
+        return _checks.loss_and_gradients(rows, inputs["grad_rows"], student_embeddings=student,
+                                          student_centres=centres)
+    return compute
+
+
+_checks.register(*(
+    _checks.KernelCase(f"grouped_kd/{form}/{selection}", _case_inputs, build(selection), TOLERANCES,
+                       _REALISTIC, _TINY)
+    for form, build in (("logits", _case_from_logits), ("embeddings", _case_from_embeddings))
+    for selection in _SELECTIONS
+))

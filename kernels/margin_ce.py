@@ -1024,3 +1024,77 @@ def margin_ce_shard_loss(
         embeddings, weight_shard, labels, class_index, combined, margin,
         _triton_path(embeddings, weight_shard, labels))
     return _reduce(rows, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness cases of the GPU suite (facekd.kernels.checks): the Triton path against the reference
+# ---------------------------------------------------------------------------------------------
+
+from facekd.kernels import checks as _checks  # noqa: E402  (after the functions the cases call)
+
+# Loss and gradients against float64, each relative to its largest entry (see the module docstring).
+TOLERANCES = {
+    torch.float32: _checks.Tolerance(rtol=1e-4, atol_of_max=1e-4),
+    torch.float16: _checks.Tolerance(rtol=5e-3, atol_of_max=5e-3),
+    torch.bfloat16: _checks.Tolerance(rtol=3e-2, atol_of_max=3e-2),
+}
+_ARCFACE = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)
+# ms1mv2 at a global batch of 1024; partial FC sampling 10 % of the classes. Tiny: odd sizes.
+_REALISTIC = {"B": 1024, "C": 85_742, "D": 512, "K": 8_574}
+_TINY = {"B": 19, "C": 37, "D": 24, "K": 21}
+
+
+def _case_inputs(shape, dtype: torch.dtype, device: torch.device, *, sampled: bool = False) -> dict:
+    """Embeddings near their centre (cos ≈ 0.3), class centres, labels and an incoming gradient;
+    ``sampled``: a partial-FC class_index [K] holding every label, labels re-indexed into it."""
+    rng = _checks.generator(device)
+    x, w, labels = _checks.near_centres(shape["B"], shape["C"], shape["D"], noise=3.2, device=device, rng=rng)
+    class_index = None
+    if sampled:
+        priority = torch.rand(shape["C"], device=device, generator=rng)
+        priority[labels] += 1.0  # positives first, then random negatives
+        class_index = priority.argsort(descending=True)[: shape["K"]]
+        class_index = class_index[torch.randperm(shape["K"], device=device, generator=rng)]
+        position = torch.full((shape["C"],), -1, dtype=torch.int64, device=device)
+        position[class_index] = torch.arange(shape["K"], device=device)
+        labels = position[labels]
+    return {"embeddings": x.to(dtype), "weight": w.to(dtype), "labels": labels, "class_index": class_index,
+            "grad_rows": _checks.incoming_gradient(shape["B"], device, rng)}
+
+
+def _case_loss(margin_grad: str):
+    def compute(inputs: dict) -> dict:
+        x, w = _checks.leaf(inputs["embeddings"]), _checks.leaf(inputs["weight"])
+        rows = margin_softmax_ce(x, w, inputs["labels"], class_index=inputs["class_index"], reduction="none",
+                                 margin_grad=margin_grad, **_ARCFACE)
+        return _checks.loss_and_gradients(rows, inputs["grad_rows"], embeddings=x, weight=w)
+    return compute
+
+
+def _case_three_shards(inputs: dict) -> dict:
+    """Statistics of three uneven class shards combined, then each shard's loss and gradients."""
+    x, w, labels = _checks.leaf(inputs["embeddings"]), inputs["weight"], inputs["labels"]
+    n_classes = w.shape[0]
+    bounds = [0, n_classes // 3 + 1, 2 * n_classes // 3, n_classes]
+    shards = [(_checks.leaf(w[start:end]), torch.where((labels >= start) & (labels < end), labels - start, -1))
+              for start, end in zip(bounds[:-1], bounds[1:])]
+    combined = combine_shard_stats([margin_ce_shard_stats(x.detach(), shard.detach(), local, **_ARCFACE)
+                                    for shard, local in shards])
+    grad_x, grad_w = torch.zeros_like(x), []
+    for shard, local in shards:
+        rows = margin_ce_shard_loss(x, shard, local, combined, reduction="none", **_ARCFACE)
+        outputs = _checks.loss_and_gradients(rows, inputs["grad_rows"], embeddings=x, weight=shard)
+        grad_x += outputs["grad_embeddings"]  # the shards' shares, summed as the reduce-scatter would
+        grad_w.append(outputs["grad_weight"])
+    return {"loss": outputs["loss"], "grad_embeddings": grad_x, "grad_weight": torch.cat(grad_w)}
+
+
+_checks.register(*(
+    _checks.KernelCase(name, make_inputs, compute, TOLERANCES, _REALISTIC, _TINY)
+    for name, make_inputs, compute in (
+        ("margin_ce/exact", _case_inputs, _case_loss("exact")),
+        ("margin_ce/straight_through", _case_inputs, _case_loss("straight_through")),
+        ("margin_ce/class_index", lambda *a: _case_inputs(*a, sampled=True), _case_loss("exact")),
+        ("margin_ce/shard_stats", _case_inputs, _case_three_shards),
+    )
+))
