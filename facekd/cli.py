@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from facekd.errors import DataError, FacekdError
+
 __all__ = ["main"]
 
 logger = logging.getLogger("facekd")
@@ -38,10 +40,10 @@ def _data_convert(args: argparse.Namespace) -> None:
 def _data_inspect(args: argparse.Namespace) -> None:
     from facekd.data.convert import inspect_dataset
 
-    summary = inspect_dataset(args.path)
+    summary = inspect_dataset(args.path, verify_digests=not args.quick)
     print(json.dumps(summary, indent=2))
     if summary.get("ok") is False:
-        raise SystemExit(f"{args.path}: some shards are missing or incomplete (see 'status' above)")
+        raise DataError(f"{args.path}: some shards are missing, damaged or disagree with the manifest (see 'status' above)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -80,21 +82,30 @@ def _bench(args: argparse.Namespace) -> None:
             print(f"{kind}: {path}")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a plain integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facekd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error caused by input or environment, not just its message")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make, convert and check data sets").add_subparsers(
         dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic identities as RecordIO, image folder and .bin pairs")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
-    synth.add_argument("--identities", type=int, default=300, help="training identities (default 300)")
-    synth.add_argument("--images-per-identity", type=int, default=20, help="images of each (default 20)")
-    synth.add_argument("--val-identities", type=int, default=100,
+    synth.add_argument("--identities", type=_positive_int, default=300, help="training identities (default 300)")
+    synth.add_argument("--images-per-identity", type=_positive_int, default=20, help="images of each (default 20)")
+    synth.add_argument("--val-identities", type=_positive_int, default=100,
                        help="identities of the verification pairs, disjoint from training (default 100)")
-    synth.add_argument("--pairs", type=int, default=600, help="pairs in each .bin, half positive (default 600)")
-    synth.add_argument("--image-size", type=int, default=112, help="side of the square images (default 112)")
+    synth.add_argument("--pairs", type=_positive_int, default=600, help="pairs in each .bin, half positive (default 600)")
+    synth.add_argument("--image-size", type=_positive_int, default=112, help="side of the square images (default 112)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic set in --out")
     synth.set_defaults(handler=_data_synth)
@@ -102,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = data.add_parser("convert", help="RecordIO (.rec/.idx) or image folder → WebDataset shards (resumable)")
     convert.add_argument("source", type=Path, help="train.rec, a folder holding it, or root/<identity>/*.jpg")
     convert.add_argument("out", type=Path, help="shard folder (a manifest.json is written beside the shards)")
-    convert.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    convert.add_argument("--shard-size", type=_positive_int, default=10000, help="samples per shard (default 10000)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     convert.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     convert.add_argument("--workers", type=int, default=0, help="processes writing shards (default 0: this one)")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = data.add_parser("inspect", help="summarise and check shards, a .rec, an image folder or a .bin")
     inspect.add_argument("path", type=Path)
+    inspect.add_argument("--quick", action="store_true", help="skip hashing shards against their sha256 digests")
     inspect.set_defaults(handler=_data_inspect)
 
     train = commands.add_parser("train", help="train a teacher or distil a student from a YAML job spec")
@@ -124,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bin", type=Path, nargs="+", required=True, help="verification .bin files")
     evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for results.json and roc.png")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=128)
     evaluate.set_defaults(handler=_eval)
 
     demo = commands.add_parser("demo", help="synthetic identities → shards → teacher → KD/GKD students → table")
@@ -146,11 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from facekd.config import ConfigError
-
     try:
         args.handler(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"facekd: error: {error}", file=sys.stderr)
+    except (FacekdError, OSError) as error:
+        # problems of the user's input or environment: one line; anything else is a bug and keeps its traceback
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"facekd: error: {message}", file=sys.stderr)
         return 2
     return 0

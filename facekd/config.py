@@ -7,6 +7,7 @@ it. Loading is strict: an unknown key, a missing required key or a value of the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class HeadConfig:
     def __post_init__(self) -> None:
         _check(self.s > 0, "s", f"must be positive, got {self.s}")
         _check(self.m1 >= 1, "m1", f"must be >= 1, got {self.m1}")
+        _check(0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, π/2) radians, got {self.m2}")
+        _check(0 <= self.m3 < 1, "m3", f"must be in [0, 1), got {self.m3}")
 
 
 DISTILL_METHODS = ("kd", "gkd", "dkd", "fitnet", "rkd", "shrinkteanet", "srrl", "hidden_l2", "triplet")
@@ -132,6 +135,7 @@ class GKDConfig:
         _check((self.k is not None) == (self.selection == "fixed"), "k",
                f"is required with selection 'fixed' and only then, got k={self.k} with selection {self.selection!r}")
         _check(self.k is None or self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        _check_weights(self, "w_primary", "w_binary", "w_secondary")
 
 
 @dataclass(kw_only=True)
@@ -147,6 +151,7 @@ class DKDConfig:
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        _check_weights(self, "alpha", "beta")
 
 
 @dataclass(kw_only=True)
@@ -169,6 +174,9 @@ class RKDConfig:
     w_angle: float = 50.0
     """Weight of the angle-wise term (RKD paper; mdistiller)."""
 
+    def __post_init__(self) -> None:
+        _check_weights(self, "w_distance", "w_angle")
+
 
 @dataclass(kw_only=True)
 class SRRLConfig:
@@ -178,6 +186,9 @@ class SRRLConfig:
     """Weight of L_FM (official code KD_SRRL: 1)."""
     beta: float = 1.0
     """Weight of L_SR (official code KD_SRRL: 1)."""
+
+    def __post_init__(self) -> None:
+        _check_weights(self, "alpha", "beta")
 
 
 @dataclass(kw_only=True)
@@ -257,39 +268,72 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    """SGD with a warm-up then a cosine or piecewise decay. Lengths are given in steps or in epochs (an epoch
+    is the manifest's samples over the batch of all ranks), never both."""
+
     lr: float = 0.1
     """Peak learning rate of SGD (insightface: 0.1 for batch 512)."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum, in [0, 1)."""
+    nesterov: bool = False
+    """Nesterov momentum (the GKD authors' train_gkd.py uses it); needs momentum > 0."""
     weight_decay: float = 5e-4
-    """L2 weight decay on every parameter."""
+    """L2 weight decay on every parameter (>= 0)."""
     schedule: Literal["cosine", "piecewise"] = "cosine"
-    """Decay after warm-up: cosine to zero, or ×gamma at each milestone."""
+    """Decay after warm-up: cosine to ``min_lr``, or ×gamma at each milestone."""
     warmup_steps: int = 0
-    """Linear warm-up from 0 to lr over this many steps."""
+    """Linear warm-up over this many steps."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up over this many epochs (instead of ``warmup_steps``)."""
+    warmup_start_lr: float | None = None
+    """None: step t < W of the warm-up runs at lr·(t + 1)/W. A value: timm's warm-up, which starts there and
+    rises as warmup_start_lr + (lr − warmup_start_lr)·t/W (the GKD authors' code: 2.5e-7)."""
+    min_lr: float = 0.0
+    """Floor of the cosine: min_lr + (lr − min_lr)·½(1 + cos(π·progress)) (timm's ``lr_min``)."""
+    cosine_from: Literal["warmup_end", "start"] = "warmup_end"
+    """Where the cosine's progress counts from: the end of the warm-up, or step 0 as timm's CosineLRScheduler
+    does by default (``warmup_prefix=False``), so that the warm-up replaces the cosine's first steps."""
     milestones: list[int] = field(default_factory=list)
     """Steps at which the piecewise schedule multiplies the learning rate by gamma."""
+    milestone_epochs: list[float] = field(default_factory=list)
+    """Epochs at which the piecewise schedule multiplies the learning rate by gamma (instead of ``milestones``)."""
     gamma: float = 0.1
-    """Factor of each piecewise decay."""
+    """Factor of each piecewise decay, in (0, 1]."""
     clip_grad_norm: float = 5.0
     """Clip the global gradient norm to this value (insightface: 5); 0 disables clipping."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(not (self.warmup_steps and self.warmup_epochs), "warmup_epochs",
+               f"and warmup_steps are alternatives, got both ({self.warmup_epochs}, {self.warmup_steps})")
+        _check(self.warmup_start_lr is None or 0 <= self.warmup_start_lr <= self.lr, "warmup_start_lr",
+               f"must be in [0, lr={self.lr}], got {self.warmup_start_lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _check(self.clip_grad_norm >= 0, "clip_grad_norm", f"must be >= 0, got {self.clip_grad_norm}")
-        _check(
-            self.milestones == sorted(self.milestones), "milestones",
-            f"must be increasing, got {self.milestones}",
-        )
+        _check(not (self.milestones and self.milestone_epochs), "milestone_epochs",
+               "and milestones are alternatives, got both")
+        for key, values in (("milestones", self.milestones), ("milestone_epochs", self.milestone_epochs)):
+            _check(all(a < b for a, b in zip(values, values[1:])) and all(v > 0 for v in values), key,
+                   f"must be positive and increasing, got {values}")
+        _check(self.schedule == "piecewise" or not (self.milestones or self.milestone_epochs), "milestones",
+               f"are used only by schedule 'piecewise', got schedule {self.schedule!r}")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     output_dir: str
     """Folder for checkpoints, TensorBoard events and evaluation results."""
-    steps: int
-    """Optimiser steps of the whole run."""
+    steps: int | None = None
+    """Optimiser steps of the whole run; give this or ``epochs``."""
+    epochs: float | None = None
+    """Length of the whole run in epochs (the manifest's samples over the batch of all ranks), instead of
+    ``steps``."""
     batch_size: int = 128
     """Images per step on each rank."""
     seed: int = 0
@@ -306,7 +350,11 @@ class TrainConfig:
     """Steps between progress updates and TensorBoard scalars."""
 
     def __post_init__(self) -> None:
-        _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        given = "neither" if self.steps is None and self.epochs is None else "both"
+        _check((self.steps is None) != (self.epochs is None), "steps",
+               f"or 'train.epochs' gives the run's length: give exactly one, got {given}")
+        _check(self.steps is None or self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        _check(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         _check(self.checkpoint_every > 0, "checkpoint_every", f"must be positive, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
@@ -319,6 +367,9 @@ class EvalConfig:
     """Verification ``.bin`` files evaluated at the end of training."""
     batch_size: int = 128
     """Images per forward pass during evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
 
 
 @dataclass(kw_only=True)
@@ -349,6 +400,13 @@ class _FieldError(ValueError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise _FieldError(key, message)
+
+
+def _check_weights(section: Any, *names: str) -> None:
+    """Loss weights are finite and >= 0."""
+    for name in names:
+        value = getattr(section, name)
+        _check(math.isfinite(value) and value >= 0, name, f"must be a finite weight >= 0, got {value}")
 
 
 def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -386,6 +444,8 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
         (item_hint,) = typing.get_args(hint)
         return [_convert(item, item_hint, f"{key}[{i}]", source) for i, item in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
@@ -432,7 +492,11 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: override {override!r}: '{part}' is not a section")
-        node[last] = yaml.safe_load(raw)
+        try:
+            node[last] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"{source}: override {override!r}: the value is not valid YAML ({reason})") from None
     return data
 
 
@@ -444,7 +508,12 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     except FileNotFoundError:
         raise ConfigError(f"job spec {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"{path}: not valid YAML: {reason}") from None
+    except OSError as error:
+        raise ConfigError(f"job spec {path} cannot be read: {error.strerror}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job spec is a YAML mapping of sections, got {type(data).__name__}")
     return job_from_dict(apply_overrides(data or {}, list(overrides), str(path)), str(path))
 
 

@@ -24,14 +24,18 @@ from torch import nn
 from tqdm import tqdm
 
 from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
+from facekd.data.convert import read_manifest
 from facekd.data.loader import build_train_loader
 from facekd.distill.distiller import Distiller, Outputs
 from facekd.distill.srrl import mixup_labeled_unlabeled
-from facekd.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from facekd.distributed.checkpoint import (
+    clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+)
+from facekd.errors import CheckpointError, ConfigError, DataError, TrainingError
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
 
-__all__ = ["Network", "Trainer", "load_network", "lr_factor", "resolve_device", "resolve_precision"]
+__all__ = ["Network", "Schedule", "Trainer", "load_network", "lr_factor", "resolve_device", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class Network:
 def resolve_device(requested: str) -> torch.device:
     """``auto``: the GPU when there is one; ``cuda`` without one is an error."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -63,19 +67,55 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
     if requested == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        raise ConfigError("train.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return _DTYPES[requested]
 
 
-def lr_factor(step: int, job: JobConfig) -> float:
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length, warm-up and milestones in steps: what the job spec gives in steps or in epochs."""
+
+    total_steps: int
+    warmup_steps: int
+    milestones: tuple[int, ...]
+
+    @classmethod
+    def of(cls, job: JobConfig, batches_per_epoch: int) -> Schedule:
+        """Resolve the job's lengths with ``batches_per_epoch`` steps per epoch (epochs round to whole steps)."""
+        def steps(epochs: float) -> int:
+            return round(epochs * batches_per_epoch)
+
+        optim, train = job.optim, job.train
+        total = train.steps if train.steps is not None else max(steps(train.epochs), 1)
+        warmup = optim.warmup_steps or steps(optim.warmup_epochs)
+        milestones = tuple(optim.milestones) or tuple(steps(epoch) for epoch in optim.milestone_epochs)
+        return cls(total, warmup, milestones)
+
+
+def lr_factor(step: int, job: JobConfig, schedule: Schedule) -> float:
     """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine or piecewise decay."""
-    optim, total = job.optim, job.train.steps
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
+    optim, warmup = job.optim, schedule.warmup_steps
+    if step < warmup:
+        if optim.warmup_start_lr is None:
+            return (step + 1) / warmup
+        start = optim.warmup_start_lr / optim.lr  # timm: warmup_lr_init + t·(lr − warmup_lr_init)/warmup_t
+        return start + (1.0 - start) * step / warmup
     if optim.schedule == "cosine":
-        progress = (step - optim.warmup_steps) / max(total - optim.warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return optim.gamma ** sum(step >= milestone for milestone in optim.milestones)
+        origin = warmup if optim.cosine_from == "warmup_end" else 0
+        progress = (step - origin) / max(schedule.total_steps - origin, 1)
+        floor = optim.min_lr / optim.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return optim.gamma ** sum(step >= milestone for milestone in schedule.milestones)
+
+
+def batches_per_epoch(job: JobConfig, world_size: int = 1) -> int:
+    """Steps in one epoch of the job's manifest: its samples over the batch of all ranks."""
+    manifest, manifest_dir = read_manifest(job.data.manifest)
+    steps = manifest["num_samples"] // (job.train.batch_size * world_size)
+    if steps == 0:
+        raise DataError(f"{manifest_dir}: {manifest['num_samples']} samples make no batch of {job.train.batch_size} "
+                        f"per rank on {world_size} rank(s); lower train.batch_size")
+    return steps
 
 
 def build_network(
@@ -96,7 +136,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
         path = path / "checkpoints"
     state = load_checkpoint(path)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
+        raise CheckpointError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
     job = job_from_dict(state["job"], source=f"job stored in {path}")
     backbone, head = build_network(job.model, job.head, state["num_classes"], job.data.image_size)
     backbone.load_state_dict(state["backbone"])
@@ -104,6 +144,11 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
     backbone.to(device).eval()
     head.to(device).eval()
     return Network(backbone, head, job)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one host synchronisation)."""
+    return bool(torch.stack([tensor.detach().isfinite().all() for tensor in tensors]).all())
 
 
 def _forward(backbone: StagedBackbone, images: torch.Tensor, with_stages: bool) -> Outputs:
@@ -127,6 +172,10 @@ class _LogWindow:
         self.sums += torch.stack([label_loss.detach(), distill_loss.detach()])
         self.steps += 1
         self.skipped += skipped
+
+    def all_finite(self) -> bool:
+        """Whether every loss added since the last :meth:`read` was finite (a non-finite one poisons the sums)."""
+        return bool(self.sums.isfinite().all())
 
     def read(self, batch_size: int) -> tuple[float, float, float]:
         """(mean label loss, mean distillation loss, images/s) of the window, which then starts again."""
@@ -167,7 +216,7 @@ class _Run:
 
 
 class Trainer:
-    """Trains the network of one job spec; :meth:`fit` runs it to ``train.steps`` (or resumes it)."""
+    """Trains the network of one job spec; :meth:`fit` runs it to its last step (or resumes it)."""
 
     def __init__(self, job: JobConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.job = job
@@ -175,6 +224,7 @@ class Trainer:
         self.progress = progress
         self.output_dir = Path(job.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.last_checkpoint: Path | None = None  # the newest checkpoint known to hold a good state
 
     def fit(self, *, stop_after: int | None = None) -> dict[str, Any]:
         """Train; returns a summary (steps, final loss, images/s, checkpoint, verification accuracies).
@@ -183,16 +233,17 @@ class Trainer:
         for time-sliced runs); a later ``resume=True`` run continues from the last checkpoint.
         """
         job, train = self.job, self.job.train
+        self.schedule = Schedule.of(job, batches_per_epoch(job))
+        total = self.schedule.total_steps
         state = self._resume_state()
-        if state and state["step"] >= train.steps:
-            logger.info("%s already finished: checkpoint at step %d of %d", job.name, state["step"], train.steps)
-            return {"name": job.name, "step": state["step"], "steps_run": 0,
-                    "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
+        if state and state["step"] >= total:
+            logger.info("%s already finished: checkpoint at step %d of %d", job.name, state["step"], total)
+            return {"name": job.name, "step": state["step"], "steps_run": 0, "checkpoint": str(self.last_checkpoint)}
         run = self._build(state)
-        last_step = train.steps if stop_after is None else min(train.steps, run.step + stop_after)
+        last_step = total if stop_after is None else min(total, run.step + stop_after)
         summary = self._train(run, last_step)
         # evaluate the finished network on the job's verification sets
-        if run.step == train.steps and job.eval.bins:
+        if run.step == total and job.eval.bins:
             from facekd.eval import evaluate_checkpoints
 
             rows = evaluate_checkpoints([self.checkpoint_dir], job.eval.bins, out_dir=self.output_dir / "eval",
@@ -238,14 +289,19 @@ class Trainer:
         # build the optimiser and schedule over every trained parameter
         parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
         optimizer = torch.optim.SGD(
-            parameters, lr=job.optim.lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay,
-            **({"fused": True} if device.type == "cuda" else {}),
+            parameters, lr=job.optim.lr, momentum=job.optim.momentum, nesterov=job.optim.nesterov,
+            weight_decay=job.optim.weight_decay, **({"fused": True} if device.type == "cuda" else {}),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job, self.schedule))
         scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
         # restore the checkpoint
         if state:
+            if state["num_classes"] != loader.num_classes:
+                raise CheckpointError(
+                    f"{self.last_checkpoint} holds a head of {state['num_classes']} classes, but "
+                    f"{job.data.manifest} now has {loader.num_classes}: resume only on the data the run started on"
+                )
             backbone.load_state_dict(state["backbone"])
             head.load_state_dict(state["head"])
             distiller.load_state_dict(state["distiller"])
@@ -268,7 +324,8 @@ class Trainer:
         window = _LogWindow(run.device)
         start_step, run_start = run.step, time.perf_counter()
         images_per_second = final_loss = float("nan")
-        bar = tqdm(total=train.steps, initial=run.step, desc=job.name, unit="step", disable=not self.progress)
+        bar = tqdm(total=self.schedule.total_steps, initial=run.step, desc=job.name, unit="step",
+                   disable=not self.progress)
         batches = iter(run.loader)
         try:
             while run.step < last_step:
@@ -279,10 +336,11 @@ class Trainer:
 
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
+                    window_start = run.step - window.steps + 1
                     label_mean, distill_mean, images_per_second = window.read(train.batch_size)
                     final_loss = label_mean + distill_mean
                     if not math.isfinite(final_loss):
-                        raise FloatingPointError(f"{job.name}: loss became {final_loss} at step {run.step}")
+                        self._diverged(f"the loss became {final_loss} in steps {window_start}-{run.step}")
                     lr = run.scheduler.get_last_lr()[0]
                     for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean), ("lr", lr),
                                        ("images_per_second", images_per_second)):
@@ -292,7 +350,13 @@ class Trainer:
                         postfix["kd"] = f"{distill_mean:.3f}"
                     bar.set_postfix(postfix)
                 if run.step % train.checkpoint_every == 0 or run.step == last_step:
-                    save_checkpoint(run.state(job), self.checkpoint_dir, run.step, keep=train.keep_checkpoints)
+                    # never let a diverged state replace (and rotate away) the good checkpoints
+                    if not window.all_finite():
+                        self._diverged(f"the loss became non-finite before step {run.step}")
+                    if not _all_finite(run.parameters):
+                        self._diverged(f"the weights became non-finite by step {run.step}")
+                    self.last_checkpoint = save_checkpoint(run.state(job), self.checkpoint_dir, run.step,
+                                                           keep=train.keep_checkpoints)
                 bar.update(1)
         finally:
             bar.close()
@@ -309,7 +373,7 @@ class Trainer:
             "images_per_second": (run.step - start_step) * train.batch_size / seconds,
             "last_window_images_per_second": images_per_second,
             "seconds": seconds,
-            "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
+            "checkpoint": str(self.last_checkpoint),
         }
 
     def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,23 +406,42 @@ class Trainer:
         return label_loss.detach(), distill_loss.detach()
 
     def _resume_state(self) -> dict[str, Any] | None:
-        """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one)."""
-        newest = latest_checkpoint(self.checkpoint_dir)
-        if newest is None:
+        """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one).
+
+        Checkpoint folders that a killed writer left half-written are removed first. A damaged newest
+        checkpoint is reported and skipped: the run continues from the newest intact one.
+        """
+        clean_partial_checkpoints(self.checkpoint_dir)
+        found = list_checkpoints(self.checkpoint_dir)
+        if not found:
             return None
         if not self.resume:
-            raise FileExistsError(
-                f"{self.checkpoint_dir} already holds checkpoints (newest {newest.name}): pass --resume to continue "
-                "that run, or choose another train.output_dir"
+            raise ConfigError(
+                f"{self.checkpoint_dir} already holds checkpoints (newest {found[-1][1].name}): pass --resume to "
+                "continue that run, or choose another train.output_dir"
             )
-        state = load_checkpoint(newest)
+        newest = latest_intact_checkpoint(self.checkpoint_dir)
+        if newest is None:
+            raise CheckpointError(f"every checkpoint in {self.checkpoint_dir} is damaged; the run cannot resume")
+        if newest != found[-1][1]:
+            logger.warning("%s: resuming from %s, the newest intact checkpoint", self.job.name, newest.name)
+        state = load_checkpoint(newest, verify=False)
         stored = job_from_dict(state["job"], source=str(newest))
         if job_to_dict(stored) | {"train": None} != job_to_dict(self.job) | {"train": None}:
-            raise ValueError(
+            raise ConfigError(
                 f"{newest} was written by a different job spec; resume only with the spec that started the run "
                 "(only the train section may change, e.g. more steps)"
             )
+        self.last_checkpoint = newest
         return state
+
+    def _diverged(self, what: str) -> None:
+        """Stop a run whose state is no longer finite, naming the checkpoint it can go back to."""
+        last = self.last_checkpoint or "none yet"
+        raise TrainingError(
+            f"{self.job.name}: {what}; nothing was saved after the last good checkpoint ({last}). "
+            "Lower optim.lr or check the data, then resume or restart"
+        )
 
     def _unlabeled_loss(self, run: _Run, images: torch.Tensor, teacher_outputs: Outputs, batch: Any) -> torch.Tensor:
         """SRRL thesis Sec. 4.2.2: λ·L_KD(U) (Eq. 4.9) plus the mixup term (Eq. 4.11-4.12) for one step."""
@@ -383,7 +466,7 @@ class Trainer:
         source = load_network(self.job.model.init_from)
         # the architecture must match; where each network itself started from does not matter
         if dataclasses.replace(source.job.model, init_from=None) != dataclasses.replace(self.job.model, init_from=None):
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_from {self.job.model.init_from} holds a {source.job.model.backbone} "
                 f"(width {source.job.model.width}, {source.job.model.embedding_dim}-d); this job builds a "
                 f"{self.job.model.backbone} (width {self.job.model.width}, {self.job.model.embedding_dim}-d)"
@@ -402,7 +485,7 @@ class Trainer:
         if config.teacher is not None and config.teacher_methods:
             teacher = load_network(config.teacher, device)
             if teacher.job.data.image_size != self.job.data.image_size:
-                raise ValueError(
+                raise ConfigError(
                     f"teacher {config.teacher} takes {teacher.job.data.image_size}px images, this job "
                     f"{self.job.data.image_size}px"
                 )
@@ -415,5 +498,5 @@ class Trainer:
             distiller = Distiller(config, student=backbone, student_head=head, teacher=teacher.backbone,
                                   teacher_head=teacher.head, batches_per_epoch=batches_per_epoch)
         except ValueError as error:
-            raise ValueError(f"teacher {config.teacher}: {error}") from None
+            raise ConfigError(f"distill.teacher {config.teacher}: {error}") from None
         return teacher.backbone, distiller.to(device).train()
