@@ -4,20 +4,41 @@ The loss is :func:`facekd.kernels.margin_softmax_ce` (ArcFace/CosFace/combined m
 the fused Triton kernel or the plain-torch reference through ``FACEKD_KERNEL_BACKEND``. The head
 owns its centres as one [C, D] parameter, so that the distributed layer can later replace it by a
 class shard without the training step noticing.
+
+Logits a loss reads are formed in fp32 (float64 stays float64) whatever autocast encloses the call
+(:func:`full_precision`): at s = 64 a bf16 logit is off by up to 0.25, before a softmax over tens of
+thousands of classes. The fused kernels accumulate in fp32 by construction; the plain-torch paths get
+the same from this module.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from facekd.config import HeadConfig
 from facekd.kernels import margin_softmax_ce
-from facekd.kernels.margin_ce import cosine_logits
+from facekd.kernels.margin_ce import cosine_logits, margin_logits
 
-__all__ = ["MarginHead"]
+__all__ = ["MarginHead", "full_precision", "logit_dtype"]
 
 # insightface arcface_torch initialises the centres from N(0, 0.01²)
 CENTRE_INIT_STD = 0.01
+
+
+def logit_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype logits from ``tensor`` are computed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Switch off any enclosing autocast on ``device``'s type for the block, so that matrix products of
+    fp32 inputs stay fp32 (the trainer runs the distillation terms inside its bf16/fp16 autocast)."""
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 class MarginHead(nn.Module):
@@ -48,5 +69,17 @@ class MarginHead(nn.Module):
         )
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Margin-free logits ``s·cos θ`` [B, C] (what the logit-based distillation methods compare)."""
-        return cosine_logits(embeddings.to(self.weight.dtype), self.weight, s=self.config.s)
+        """Margin-free logits ``s·cos θ`` [B, C] (what the logit-based distillation methods compare), in
+        fp32 at least, also under autocast."""
+        dtype = logit_dtype(self.weight)
+        with full_precision(embeddings.device):
+            return cosine_logits(embeddings.to(dtype), self.weight.to(dtype), s=self.config.s)
+
+    def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The logits the margin loss sees [B, C], the margin on each row's ``labels`` column (the GKD
+        authors' code distils these); fp32 at least, also under autocast. Materialises B×C."""
+        c = self.config
+        dtype = logit_dtype(self.weight)
+        with full_precision(embeddings.device):
+            return margin_logits(embeddings.to(dtype), self.weight.to(dtype), labels, s=c.s, m1=c.m1, m2=c.m2,
+                                 m3=c.m3)

@@ -42,6 +42,18 @@ def test_head_logits_are_margin_free():
     assert math.isclose(head.weight.std().item(), 0.01, rel_tol=0.9)
 
 
+def test_head_logits_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    head = MarginHead(7, 8, HeadConfig(s=64.0))
+    embeddings = torch.randn(5, 8).bfloat16()
+    labels = torch.tensor([0, 6, 3, 3, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, margined = head.logits(embeddings), head.margin_logits(embeddings, labels)
+    assert logits.dtype == margined.dtype == torch.float32
+    torch.testing.assert_close(logits, head.logits(embeddings.float()), rtol=0, atol=0)
+    torch.testing.assert_close(margined, head.margin_logits(embeddings.float(), labels), rtol=0, atol=0)
+
+
 def test_head_rejects_an_empty_classifier():
     with pytest.raises(ValueError, match="num_classes >= 1"):
         MarginHead(0, 8, HeadConfig())

@@ -42,10 +42,9 @@ from facekd.distill.relational import rkd_loss
 from facekd.distill.shrinkteanet import IntermediateAngularDistiller
 from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_loss, teacher_gram
 from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
-from facekd.heads import MarginHead
+from facekd.heads import MarginHead, full_precision, logit_dtype
 from facekd.kernels import grouped_kd_loss
 from facekd.kernels.grouped_kd import grouped_kd_loss_from_embeddings
-from facekd.kernels.margin_ce import margin_logits
 from facekd.models import StagedBackbone
 
 __all__ = ["Distiller", "Outputs"]
@@ -149,17 +148,10 @@ class Distiller(nn.Module):
         c = self.config
         if name == "triplet":
             return batch_hard_triplet_loss(student.embedding, labels, margin=c.triplet.margin, mining=c.triplet.mining)
+        if name in _LOGIT_METHODS:
+            return self._logit_term(name, student, teacher, labels)
         teacher_embedding = teacher.embedding.detach().to(self.teacher_head.weight.dtype)
         student_embedding = student.embedding.to(self.student_head.weight.dtype)
-        if name == "gkd":
-            return self._gkd(student_embedding, teacher_embedding, labels)
-        if name in ("kd", "dkd"):
-            student_logits = self.student_head.logits(student_embedding)
-            teacher_logits = self.teacher_head.logits(teacher_embedding)
-            if name == "kd":
-                return kd_loss(student_logits, teacher_logits, temperature=c.kd.temperature)
-            return dkd_loss(student_logits, teacher_logits, labels, alpha=c.dkd.alpha, beta=c.dkd.beta,
-                            temperature=c.dkd.temperature)
         if name == "rkd":
             return rkd_loss(student_embedding, teacher_embedding, w_distance=c.rkd.w_distance, w_angle=c.rkd.w_angle)
         if name == "hidden_l2":
@@ -169,20 +161,43 @@ class Distiller(nn.Module):
             return fitnet_loss(self.fitnet(student.stages[stage]), teacher.stages[stage].detach())
         if name == "shrinkteanet":
             return self.shrinkteanet(student.stages, teacher_embedding, student_embedding)
-        if name == "srrl":
-            connected = self.srrl(student.stages[-1])
-            teacher_size = self.teacher.feature_sizes[-1]
-            if connected.shape[-1] != teacher_size:
-                connected = F.interpolate(connected, size=(teacher_size, teacher_size), mode="bilinear",
-                                          align_corners=False)
-            # the teacher's classifier on the student's connected feature: its head, then its centres
-            through_teacher = self.teacher.head(connected).to(teacher_embedding.dtype)
-            return srrl_loss(
-                connected, teacher.stages[-1], through_teacher, teacher_embedding, self.srrl_gram,
-                self.teacher_head.num_classes, normalized=True, scale=self.teacher_head.config.s,
-                alpha=c.srrl.alpha, beta=c.srrl.beta,
-            )
         raise ValueError(f"unknown distillation method {name!r}")
+
+    def _logit_term(self, name: str, student: Outputs, teacher: Outputs, labels: Tensor) -> Tensor:
+        """A method that reads head logits. Its network part (SRRL's connector and the teacher's head on
+        the connected feature) runs under the trainer's autocast; the logits and the loss are computed in
+        fp32 at least with autocast off, so a bf16 step only rounds the embeddings."""
+        c = self.config
+        if name == "srrl":
+            connected, through_teacher = self._srrl_features(student.stages[-1])
+        student_dtype, teacher_dtype = logit_dtype(self.student_head.weight), logit_dtype(self.teacher_head.weight)
+        with full_precision(student.embedding.device):
+            student_embedding = student.embedding.to(student_dtype)
+            teacher_embedding = teacher.embedding.detach().to(teacher_dtype)
+            if name == "gkd":
+                return self._gkd(student_embedding, teacher_embedding, labels)
+            if name == "srrl":
+                return srrl_loss(
+                    connected, teacher.stages[-1], through_teacher.to(teacher_dtype), teacher_embedding,
+                    self.srrl_gram, self.teacher_head.num_classes, normalized=True,
+                    scale=self.teacher_head.config.s, alpha=c.srrl.alpha, beta=c.srrl.beta,
+                )
+            student_logits = self.student_head.logits(student_embedding)
+            teacher_logits = self.teacher_head.logits(teacher_embedding)
+            if name == "kd":
+                return kd_loss(student_logits, teacher_logits, temperature=c.kd.temperature)
+            return dkd_loss(student_logits, teacher_logits, labels, alpha=c.dkd.alpha, beta=c.dkd.beta,
+                            temperature=c.dkd.temperature)
+
+    def _srrl_features(self, student_last_stage: Tensor) -> tuple[Tensor, Tensor]:
+        """SRRL's connected student feature, and the teacher's head (its embedding layer) applied to it."""
+        connected = self.srrl(student_last_stage)
+        teacher_size = self.teacher.feature_sizes[-1]
+        if connected.shape[-1] != teacher_size:
+            connected = F.interpolate(connected, size=(teacher_size, teacher_size), mode="bilinear",
+                                      align_corners=False)
+        # the teacher's classifier on the student's connected feature: its head, then its centres
+        return connected, self.teacher.head(connected)
 
     def _gkd(self, student_embedding: Tensor, teacher_embedding: Tensor, labels: Tensor) -> Tensor:
         g = self.config.gkd
@@ -191,13 +206,8 @@ class Distiller(nn.Module):
                        labels=labels if g.force_target else None)
         if g.margined_logits:
             # the authors' code: KD on each head's margined logits (materialises both B×C matrices)
-            student_logits, teacher_logits = (
-                margin_logits(embedding, head.weight, labels, s=head.config.s, m1=head.config.m1,
-                              m2=head.config.m2, m3=head.config.m3)
-                for embedding, head in ((student_embedding, self.student_head),
-                                        (teacher_embedding, self.teacher_head))
-            )
-            return grouped_kd_loss(student_logits, teacher_logits.detach(), **options)
+            return grouped_kd_loss(self.student_head.margin_logits(student_embedding, labels),
+                                   self.teacher_head.margin_logits(teacher_embedding, labels).detach(), **options)
         if self.student_head.config.s != self.teacher_head.config.s:
             raise ValueError(
                 f"GKD compares s·cos θ of both networks with one s; the student head has s = "
@@ -205,6 +215,7 @@ class Distiller(nn.Module):
             )
         # the fused form: neither B×C logits matrix is stored on the Triton path
         return grouped_kd_loss_from_embeddings(
-            student_embedding, self.student_head.weight, teacher_embedding, self.teacher_head.weight.detach(),
+            student_embedding, self.student_head.weight.to(student_embedding.dtype), teacher_embedding,
+            self.teacher_head.weight.detach().to(teacher_embedding.dtype),
             s=self.student_head.config.s, **options,
         )

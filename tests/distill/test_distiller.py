@@ -23,8 +23,8 @@ def _networks(teacher_dim=DIM):
     return student, student_head, teacher.requires_grad_(False), teacher_head.requires_grad_(False)
 
 
-def _batch(student, teacher):
-    images = torch.randn(BATCH, 3, SIZE, SIZE, dtype=torch.float64)
+def _batch(student, teacher, dtype=torch.float64):
+    images = torch.randn(BATCH, 3, SIZE, SIZE, dtype=dtype)
     labels = torch.tensor([0, 3, 3, 10, 7, 0])
     embedding, stages = student(images, return_stages=True)
     with torch.no_grad():
@@ -183,3 +183,58 @@ def test_mixup_loss_is_kd_against_mixed_teacher_logits():
     (grad,) = torch.autograd.grad(loss, mixed_student)
     (expected_grad,) = torch.autograd.grad(expected, mixed_student)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+# every use of head logits: the methods that read them, and the SRRL mixup term
+LOGIT_CASES = {
+    "kd": DistillConfig(methods={"kd": 1.0}, teacher="t"),
+    "dkd": DistillConfig(methods={"dkd": 1.0}, teacher="t"),
+    "gkd": DistillConfig(methods={"gkd": 1.0}, teacher="t"),
+    "gkd_official": DistillConfig(methods={"gkd": 1.0}, teacher="t", gkd=GKDConfig(
+        temperature=4.0, selection="batch", force_target=True, margined_logits=True)),
+    "srrl": DistillConfig(methods={"srrl": 1.0}, teacher="t"),
+    "mixup": DistillConfig(methods={"kd": 1.0}, teacher="t"),
+}
+
+
+@pytest.mark.parametrize("case", LOGIT_CASES)
+def test_logit_methods_compute_in_fp32_under_bf16_autocast(case):
+    """The trainer calls the distiller inside its bf16 autocast. Then a logit method's loss may differ from
+    fp32 only by the rounding of its inputs to bf16: it equals the fp32 loss of the bf16-rounded embeddings
+    (and SRRL's bf16 network outputs). Logits formed in bf16 at s = 64 (steps of up to 0.25) would not."""
+    student, student_head, teacher, teacher_head = (network.float() for network in _networks())
+    student_head.config = teacher_head.config = HeadConfig(s=64.0)
+    distiller = Distiller(LOGIT_CASES[case], student=student, student_head=student_head, teacher=teacher,
+                          teacher_head=teacher_head, batches_per_epoch=5)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher, torch.float32)
+    # what an autocast backbone hands over: bf16 embeddings and stage features
+    student_bf16, teacher_bf16 = (Outputs(outputs.embedding.detach().bfloat16(),
+                                          [stage.detach().bfloat16() for stage in outputs.stages])
+                                  for outputs in (student_outputs, teacher_outputs))
+
+    def loss(student_outputs, teacher_outputs):
+        if case == "mixup":
+            unlabeled = teacher_outputs.embedding.flip(0)
+            return distiller.mixup_loss(student_outputs.embedding, (teacher_outputs.embedding, unlabeled), 0.7)
+        return distiller(student_outputs, teacher_outputs, labels, step=0)[0]
+
+    # SRRL's connector and the teacher's head are network layers and stay under autocast: the fp32 run
+    # replays their bf16 outputs, so that only the loss's own arithmetic is compared
+    network_outputs = {}
+    modules = {"connector": distiller.srrl, "teacher_head": teacher.head} if case == "srrl" else {}
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name:
+                                          network_outputs.__setitem__(name, output.detach()))
+             for name, module in modules.items()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(student_bf16, teacher_bf16)
+    for hook in hooks:
+        hook.remove()
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: network_outputs[name].float())
+             for name, module in modules.items()]
+    widened = [Outputs(outputs.embedding.float(), [stage.float() for stage in outputs.stages])
+               for outputs in (student_bf16, teacher_bf16)]
+    expected = loss(*widened)
+    for hook in hooks:
+        hook.remove()
+    assert under_autocast.dtype == torch.float32 and expected.item() > 0
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-5, atol=0)
