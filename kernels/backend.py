@@ -1,4 +1,4 @@
-"""Backend switch shared by every kernel of ``facekd.kernels``.
+"""Backend switch, and the argument checks, shared by every kernel of ``facekd.kernels``.
 
 ``FACEKD_KERNEL_BACKEND`` chooses how a kernel runs:
 
@@ -49,3 +49,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "(Triton compiles for CUDA devices only)"
         )
     return True
+
+
+def check_nonempty(what: str, **tensors: torch.Tensor) -> None:
+    """Refuse tensors with an empty dimension, e.g. an empty batch: a mean over it is NaN and a kernel
+    grid over it has no programs. ``what`` says what each needs ("one row and one class")."""
+    if any(0 in tensor.shape for tensor in tensors.values()):
+        shapes = " and ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
+        raise ValueError(f"need at least {what}, got {shapes}")

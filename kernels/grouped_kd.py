@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from facekd.kernels.backend import ENV_VAR, triton_interpreted, use_triton
+from facekd.kernels.backend import ENV_VAR, check_nonempty, triton_interpreted, use_triton
 from facekd.kernels.margin_ce import cosine_logits
 
 SELECTIONS = ("sample", "batch", "fixed")
@@ -90,8 +90,7 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
             "teacher_logits must have the student's shape "
             f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
         )
-    if student_logits.shape[1] < 1:
-        raise ValueError("logits need at least one class, got C = 0")
+    check_nonempty("one sample and one class", student_logits=student_logits)
     if not student_logits.is_floating_point() or not teacher_logits.is_floating_point():
         raise TypeError(
             f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}"
@@ -1432,6 +1431,7 @@ def grouped_kd_loss_from_embeddings(
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point matrix, got {tensor.dtype} of "
                              f"shape {tuple(tensor.shape)}")
+    check_nonempty("one sample, one feature and one class", **tensors)
     for network in ("student", "teacher"):
         embeddings, centres = tensors[f"{network}_embeddings"], tensors[f"{network}_centres"]
         if embeddings.shape[1] != centres.shape[1] or embeddings.dtype != centres.dtype:

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from facekd.kernels.backend import ENV_VAR, use_triton
+from facekd.kernels.backend import ENV_VAR, check_nonempty, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -814,12 +814,8 @@ def _check_inputs(embeddings, weight, labels, class_index, *, allow_unowned: boo
         raise TypeError(f"embeddings must be float16, bfloat16, float32 or float64, got {embeddings.dtype}")
     if weight.dtype != embeddings.dtype:
         raise TypeError(f"weight must have the embeddings' dtype {embeddings.dtype}, got {weight.dtype}")
+    check_nonempty("one row, one feature and one class", embeddings=embeddings, weight=weight)
     batch, dim = embeddings.shape
-    if batch < 1 or dim < 1 or weight.shape[0] < 1:
-        raise ValueError(
-            f"need at least one row, one feature and one class, got embeddings {tuple(embeddings.shape)} "
-            f"and weight {tuple(weight.shape)}"
-        )
     if weight.shape[1] != dim:
         raise ValueError(f"weight must be [C, {dim}] to match embeddings, got {tuple(weight.shape)}")
     if labels.dtype != torch.int64:

@@ -700,6 +700,18 @@ def test_bad_shapes():
         grouped_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
+def test_empty_batch_or_classes_are_refused(backend):
+    """An empty batch would give a NaN mean (torch) or an empty launch grid (Triton): refused by name."""
+    for shape in ((0, 37), (3, 0)):
+        with pytest.raises(ValueError, match=rf"need at least one sample and one class, got student_logits "
+                                             rf"\({shape[0]}, {shape[1]}\)"):
+            grouped_kd_loss(torch.zeros(shape), torch.zeros(shape))
+    student, student_centres, teacher, teacher_centres = face_embeddings(3, 37, 16, 24, seed=20)
+    with pytest.raises(ValueError, match=r"need at least one sample, one feature and one class, got "
+                                         r"student_embeddings \(0, 16\)"):
+        grouped_kd_loss_from_embeddings(student[:0], student_centres, teacher[:0], teacher_centres)
+
+
 # ---------------------------------------------------------------------------------------------
 # The compiled path: the interpreter forgives what the compiler does not
 # ---------------------------------------------------------------------------------------------
