@@ -71,11 +71,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from facekd.bench import gkd, margin
+    from facekd.bench import gkd, gpu_suite, margin
 
-    modules = {"margin": [margin], "gkd": [gkd], "kernels": [margin, gkd]}[args.bench]
+    modules = {"margin": [margin], "gkd": [gkd], "kernels": [margin, gkd], "gpu-suite": [gpu_suite]}[args.bench]
     for module in modules:
-        parser = argparse.ArgumentParser(prog=f"facekd bench {module.__name__.rsplit('.', 1)[-1]}")
+        parser = argparse.ArgumentParser(prog=f"facekd bench {module.__name__.rsplit('.', 1)[-1].replace('_', '-')}")
         module.add_arguments(parser)
         written = module.run(parser.parse_args(args.options))
         for kind, path in written.items():
@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="kernel benchmarks writing JSON, markdown and PNG under results/")
-    bench.add_argument("bench", choices=("kernels", "margin", "gkd"),
-                       help="margin: fused margin-softmax CE; gkd: grouped KD; kernels: both")
+    bench.add_argument("bench", choices=("kernels", "margin", "gkd", "gpu-suite"),
+                       help="margin: fused margin-softmax CE; gkd: grouped KD; kernels: both; gpu-suite: everything "
+                            "that needs a GPU in one budgeted run (facekd/bench/GPU.md)")
     bench.add_argument("options", nargs=argparse.REMAINDER,
                        help="options of the benchmark (see 'facekd bench margin -- --help')")
     bench.set_defaults(handler=_bench)
