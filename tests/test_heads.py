@@ -39,7 +39,16 @@ def test_head_logits_are_margin_free():
     embeddings = torch.randn(2, 3)
     cos = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).T
     torch.testing.assert_close(head.logits(embeddings), 10.0 * cos)
-    assert math.isclose(head.weight.std().item(), 0.01, rel_tol=0.9)
+
+
+def test_centres_start_from_insightface_normal():
+    """N(0, 0.01²), as arcface_torch. With n draws the sample std has relative standard error
+    1/√(2(n − 1)) and the mean standard error 0.01/√n: allow five of each."""
+    torch.manual_seed(0)
+    weight = MarginHead(1000, 64, HeadConfig()).weight.detach().double()
+    n = weight.numel()
+    assert math.isclose(weight.std().item(), 0.01, rel_tol=5 / math.sqrt(2 * (n - 1)))
+    assert abs(weight.mean().item()) < 5 * 0.01 / math.sqrt(n)
 
 
 def test_head_logits_stay_fp32_under_autocast():

@@ -1,11 +1,13 @@
 """The Distiller: each method's term is its paper's loss on the right tensors, weighted, ramped, combinable."""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from facekd.config import DISTILL_METHODS, DistillConfig, GKDConfig, HeadConfig
+from facekd.config import DISTILL_METHODS, TEACHERLESS_METHODS, DistillConfig, GKDConfig, HeadConfig
 from facekd.distill.distiller import Distiller, Outputs
 from facekd.heads import MarginHead
 from facekd.kernels import grouped_kd_loss
@@ -67,6 +69,64 @@ def test_every_method_gives_a_finite_loss_and_student_gradients(method):
     assert all(parameter.grad is not None for parameter in trainable)
     # the teacher is never part of the distiller's state (checkpoints hold the adapters only)
     assert not any(key.startswith("teacher") for key in distiller.state_dict())
+
+
+def _identity_adapters(distiller):
+    """Make every adapter (1×1 conv → BN) the identity: unit conv weights, BN in eval mode with the running
+    statistics that pass its input through (scale 1 and shift 0 from the initialisation)."""
+    with torch.no_grad():
+        for module in distiller.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.copy_(torch.eye(module.out_channels, module.in_channels)[:, :, None, None])
+            elif isinstance(module, nn.BatchNorm2d):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0 - module.eps)
+    return distiller.eval()
+
+
+@pytest.mark.parametrize("method", [name for name in DISTILL_METHODS if name not in TEACHERLESS_METHODS])
+def test_a_teacher_term_vanishes_when_the_student_is_the_teacher(method):
+    """A method that compares the wrong tensors (the student with itself, a stage with another, logits of
+    the wrong head) fails one of the two: positive for another student, 0 for a copy of the teacher whose
+    adapters are identities."""
+    student, student_head, teacher, teacher_head = _networks()
+    config = DistillConfig(methods={method: 1.0}, teacher="t")
+    other = _distiller(config, student, student_head, teacher, teacher_head)
+    student_outputs, teacher_outputs, labels = _batch(student, teacher)
+    different, _ = other(student_outputs, teacher_outputs, labels, step=0)
+
+    twin, twin_head = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher_head).requires_grad_(True)
+    same = _identity_adapters(_distiller(config, twin, twin_head, teacher, teacher_head))
+    twin_outputs, teacher_outputs, labels = _batch(twin, teacher)
+    vanishing, _ = same(twin_outputs, teacher_outputs, labels, step=0)
+    assert different.item() > 1e-2
+    assert abs(vanishing.item()) <= 1e-9 * different.item()
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_gradient_steps_on_a_term_alone_reduce_it(method):
+    """Two steps along the negative gradient of the term (student, its head and the adapters), each sized
+    for a first-order decrease of 5 %, reduce it both times: the gradient is the term's own."""
+    student, student_head, teacher, teacher_head = _networks()
+    distiller = _distiller(DistillConfig(methods={method: 1.0}, teacher="t"), student, student_head, teacher,
+                           teacher_head)
+    images, labels = torch.randn(BATCH, 3, SIZE, SIZE, dtype=torch.float64), torch.tensor([0, 3, 3, 10, 7, 0])
+    with torch.no_grad():
+        teacher_outputs = Outputs(*teacher(images, return_stages=True))
+    parameters = [p for module in (student, student_head, distiller) for p in module.parameters()]
+    losses = []
+    for _ in range(3):
+        loss, _ = distiller(Outputs(*student(images, return_stages=True)), teacher_outputs, labels, step=0)
+        losses.append(loss.item())
+        gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+        squared_norm = sum(g.square().sum() for g in gradients if g is not None)
+        step_size = 0.05 * loss.item() / squared_norm
+        with torch.no_grad():
+            for parameter, gradient in zip(parameters, gradients):
+                if gradient is not None:
+                    parameter -= step_size * gradient
+    assert all(after < before for before, after in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.995 * losses[0], losses
 
 
 def test_kd_term_is_the_weighted_hinton_loss_on_margin_free_logits():
