@@ -353,8 +353,9 @@ class Trainer:
                     # never let a diverged state replace (and rotate away) the good checkpoints
                     if not window.all_finite():
                         self._diverged(f"the loss became non-finite before step {run.step}")
-                    if not _all_finite(run.parameters):
-                        self._diverged(f"the weights became non-finite by step {run.step}")
+                    if not _all_finite([tensor for module in (run.backbone, run.head, run.distiller)
+                                        for tensor in module.state_dict().values() if tensor.is_floating_point()]):
+                        self._diverged(f"the weights or normalisation statistics became non-finite by step {run.step}")
                     self.last_checkpoint = save_checkpoint(run.state(job), self.checkpoint_dir, run.step,
                                                            keep=train.keep_checkpoints)
                 bar.update(1)

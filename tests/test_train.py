@@ -1,6 +1,8 @@
 """The training loop: schedules, resume without lost or repeated steps, distillation from a teacher."""
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,9 @@ import torch
 import yaml
 
 from facekd.config import DISTILL_METHODS, job_from_dict, load_job
-from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from facekd.train import Trainer, load_network, lr_factor
+from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from facekd.errors import CheckpointError, ConfigError, TrainingError
+from facekd.train import Schedule, Trainer, batches_per_epoch, load_network, lr_factor
 
 
 def _weights(run_dir, step):
@@ -31,16 +34,48 @@ def _assert_same_weights(first, second):
 def test_lr_factor_warmup_then_decay(schedule):
     job = job_from_dict({
         "name": "x", "data": {"manifest": "m"}, "model": {"backbone": "iresnet18"},
-        "optim": {"warmup_steps": 4, "schedule": schedule, "milestones": [6, 8], "gamma": 0.5},
+        "optim": {"warmup_steps": 4, "schedule": schedule, "gamma": 0.5,
+                  **({"milestones": [6, 8]} if schedule == "piecewise" else {})},
         "train": {"output_dir": "o", "steps": 10},
     })
-    factors = [lr_factor(step, job) for step in range(10)]
+    factors = [lr_factor(step, job, Schedule.of(job, batches_per_epoch=3)) for step in range(10)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     if schedule == "cosine":
         expected = [0.5 * (1 + math.cos(math.pi * (step - 4) / 6)) for step in range(4, 10)]
         assert factors[4:] == pytest.approx(expected)
     else:
         assert factors[4:] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def _timm_cosine_lr(t, *, base, t_initial, lr_min, warmup_t, warmup_lr_init):
+    """timm's CosineLRScheduler._get_lr with cycle_limit 1, warmup_prefix False, k_decay 1 (written out)."""
+    if t < warmup_t:
+        return warmup_lr_init + t * (base - warmup_lr_init) / warmup_t
+    if t >= t_initial:
+        return lr_min
+    return lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * t / t_initial))
+
+
+def test_the_official_gkd_schedule_is_timms_cosine_per_step():
+    job = load_job(Path(__file__).parents[1] / "jobs" / "ms1mv2_mobilefacenet_gkd_official.yaml")
+    per_epoch = 7  # any epoch length: train_gkd.py passes t_initial = 20 epochs and warmup_t = 4 epochs in steps
+    schedule = Schedule.of(job, per_epoch)
+    assert (schedule.total_steps, schedule.warmup_steps) == (20 * per_epoch, 4 * per_epoch)
+    for step in range(schedule.total_steps + 3):
+        expected = _timm_cosine_lr(step, base=0.1, t_initial=20 * per_epoch, lr_min=2.5e-7, warmup_t=4 * per_epoch,
+                                   warmup_lr_init=2.5e-7)
+        assert job.optim.lr * lr_factor(step, job, schedule) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_lengths_in_epochs_resolve_with_the_epoch_length(tiny_job):
+    job = job_from_dict(tiny_job(train={"steps": None, "epochs": 2.5},
+                                 optim={"warmup_steps": 0, "warmup_epochs": 0.5, "schedule": "piecewise",
+                                        "milestone_epochs": [1, 2]}))
+    per_epoch = batches_per_epoch(job)
+    assert per_epoch == 6  # 48 samples in batches of 8
+    assert Schedule.of(job, per_epoch) == Schedule(total_steps=15, warmup_steps=3, milestones=(6, 12))
+    summary = Trainer(job, progress=False).fit()
+    assert summary["step"] == 15
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints_and_events(tiny_job, tmp_path):
@@ -69,8 +104,8 @@ def test_resume_after_interruption_continues_at_the_right_step(tiny_job, tmp_pat
     first = Trainer(interrupted, progress=False).fit(stop_after=3)
     assert first["step"] == 3
     # a kill after step 3 but before its checkpoint: the run must go on from step 2's checkpoint
-    checkpoint_path(tmp_path / "parts" / "checkpoints", 3).unlink()
-    with pytest.raises(FileExistsError, match="--resume"):
+    shutil.rmtree(checkpoint_path(tmp_path / "parts" / "checkpoints", 3))
+    with pytest.raises(ConfigError, match="--resume"):
         Trainer(interrupted, progress=False).fit()
     second = Trainer(interrupted, resume=True, progress=False).fit()
     assert second["step"] == 6 and second["steps_run"] == 4
@@ -97,7 +132,17 @@ def test_distillation_from_a_trained_teacher(tiny_job, tiny_data, tmp_path, meth
     ))
     summary = Trainer(student, progress=False).fit()
     assert summary["step"] == 6 and math.isfinite(summary["loss"])
-    assert 0.0 <= summary["verification"]["val"] <= 1.0
+    # the trainer evaluated the FINAL student on the job's bins: the same figure as evaluating that checkpoint
+    # afresh, and different from the teacher's on the same pairs
+    from facekd.eval import evaluate_checkpoints
+
+    final = checkpoint_path(tmp_path / "student" / "checkpoints", 6)
+    val = [str(tiny_data / "data" / "val.bin")]
+    (again,) = evaluate_checkpoints([final], val, out_dir=tmp_path / "again", device="cpu", progress=False)
+    (teacher_row,) = evaluate_checkpoints([tmp_path / "teacher"], val, out_dir=tmp_path / "t", device="cpu",
+                                          progress=False)
+    assert summary["verification"]["val"] == again["accuracy"]
+    assert again["threshold"] != teacher_row["threshold"]
     assert (tmp_path / "student" / "eval" / "roc.png").stat().st_size > 0
     # the teacher's checkpoint is untouched by distillation
     assert [step for step, _ in list_checkpoints(tmp_path / "teacher" / "checkpoints")][-1] == 6
@@ -117,18 +162,55 @@ def trained_teacher(tiny_data, tmp_path_factory):
     return output
 
 
+def _descend_distillation_term(job, checkpoint, batch, steps=5):
+    """The job's distillation loss on ``batch``, before and after ``steps`` Adam steps on it alone, starting
+    from the student (and adapters) stored in ``checkpoint``; the teacher's weights must not move."""
+    from facekd.train import _forward
+
+    trainer = Trainer(job, resume=True, progress=False)
+    trainer.schedule = Schedule.of(job, batches_per_epoch(job))
+    run = trainer._build(load_checkpoint(checkpoint))
+    teacher_before = [tensor.clone() for tensor in run.teacher.state_dict().values()] if run.teacher else []
+    optimizer = torch.optim.Adam([*run.backbone.parameters(), *run.distiller.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(steps + 1):
+        student = _forward(run.backbone, batch.images, run.distiller.needs_stages)
+        with torch.no_grad():
+            teacher = _forward(run.teacher, batch.images, run.distiller.needs_stages) if run.teacher else None
+        total, _ = run.distiller(student, teacher, batch.labels, 0)
+        losses.append(total.item())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    if run.teacher:
+        assert all(torch.equal(a, b) for a, b in zip(teacher_before, run.teacher.state_dict().values()))
+    return losses[0], losses[-1]
+
+
 @pytest.mark.parametrize("method", DISTILL_METHODS)
 def test_every_distillation_method_trains_a_student(tiny_job, trained_teacher, tmp_path, method):
+    steps = 3
     student = job_from_dict(tiny_job(
         "student", model={"backbone": "mobilefacenet", "width": 0.25},
         distill={"methods": {method: 1.0}, "teacher": str(trained_teacher), "warmup_epochs": 1},
-        train={"steps": 3, "checkpoint_every": 3},
+        train={"steps": steps, "checkpoint_every": steps},
     ))
     summary = Trainer(student, progress=False).fit()
-    assert summary["step"] == 3 and math.isfinite(summary["loss"])
-    state = load_checkpoint(checkpoint_path(tmp_path / "student" / "checkpoints", 3))
+    assert summary["step"] == steps and math.isfinite(summary["loss"])
+    final = checkpoint_path(tmp_path / "student" / "checkpoints", steps)
     has_adapters = method in ("fitnet", "shrinkteanet", "srrl")
-    assert bool(state["distiller"]) == has_adapters
+    assert bool(load_checkpoint(final)["distiller"]) == has_adapters
+    # the term, as the trainer wires it (adapters, frozen teacher, stages), falls when the student descends
+    # it alone on a fixed batch: a term without gradient, with its sign or its target wrong, would not
+    from facekd.data.loader import build_train_loader
+
+    batch = next(iter(build_train_loader(student.data.manifest, batch_size=16, image_size=32, num_workers=0,
+                                         shuffle_buffer=0, seed=123)))
+    before, after = _descend_distillation_term(
+        job_from_dict(tiny_job("student", model={"backbone": "mobilefacenet", "width": 0.25},
+                               distill={"methods": {method: 1.0}, "teacher": str(trained_teacher)})),
+        final, batch)
+    assert 0 < after < 0.9 * before, f"{method}: term {before} before, {after} after 5 steps on it alone"
 
 
 JOBS = Path(__file__).parents[1] / "jobs"
@@ -191,7 +273,7 @@ def test_distillation_refuses_a_teacher_of_other_classes(tiny_job, tmp_path):
     state = load_checkpoint(checkpoint_path(tmp_path / "teacher" / "checkpoints", 1))
     state["head"]["weight"] = torch.zeros(7, 16)
     state["num_classes"] = 7
-    torch.save(state, checkpoint_path(tmp_path / "teacher" / "checkpoints", 1))
+    save_checkpoint(state, tmp_path / "teacher" / "checkpoints", 1)
     student = job_from_dict(tiny_job("student", distill={"methods": {"kd": 1.0}, "teacher": str(tmp_path / "teacher")}))
     with pytest.raises(ValueError, match="same identities, got 6 and 7 classes"):
         Trainer(student, progress=False).fit()
@@ -221,3 +303,76 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tiny_job, tmp_
     assert result.returncode == 0, result.stderr
     assert f'"steps_run": {40 - killed_at}' in result.stdout
     assert load_checkpoint(checkpoint_path(checkpoints, 40))["step"] == 40
+
+
+def _damage_weights(path):
+    """Overwrite bytes inside a checkpoint's tensor data with other finite values (the file keeps its size)."""
+    state_file = path / "state.pt"
+    data = bytearray(state_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # zero bytes: finite float32 values
+    state_file.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_by_eval(tiny_job, tmp_path, caplog):
+    job = job_from_dict(tiny_job("run", train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}))
+    Trainer(job, progress=False).fit(stop_after=4)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _damage_weights(checkpoint_path(checkpoints, 4))
+    with pytest.raises(CheckpointError, match="step_000000004: state.pt is damaged"):
+        load_network(tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        summary = Trainer(job, resume=True, progress=False).fit()
+    assert "resuming from step_000000002, the newest intact checkpoint" in caplog.text
+    assert summary["steps_run"] == 4 and summary["step"] == 6
+    # the resumed run rewrote step 4 and reaches the weights of an uninterrupted run
+    Trainer(job_from_dict(tiny_job("whole")), progress=False).fit()
+    _assert_same_weights(_weights(tmp_path / "whole", 6), _weights(tmp_path / "run", 6))
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tiny_job, tmp_path):
+    job = job_from_dict(tiny_job("run", train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2,
+                                               "log_every": 100}))
+    Trainer(job, progress=False).fit(stop_after=2)
+    good = load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", 2))
+    # a resumed run whose weights are poisoned: its next checkpoint would be non-finite
+    poisoned = {**good, "backbone": {key: value.clone() for key, value in good["backbone"].items()}}
+    first_conv = next(key for key, value in poisoned["backbone"].items() if value.dtype.is_floating_point)
+    poisoned["backbone"][first_conv].fill_(float("nan"))
+    save_checkpoint(poisoned, tmp_path / "run" / "checkpoints", 3)
+    with pytest.raises(TrainingError, match=r"non-finite before step 4.*last good checkpoint \(.*step_000000003\)"):
+        Trainer(job, resume=True, progress=False).fit()
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 3]
+
+
+def test_a_huge_learning_rate_stops_with_the_step_and_the_last_good_checkpoint(tiny_job, tmp_path):
+    job = job_from_dict(tiny_job("run", optim={"lr": 1e6, "warmup_steps": 0, "clip_grad_norm": 0},
+                                 train={"steps": 40, "checkpoint_every": 1, "keep_checkpoints": 2, "log_every": 1}))
+    with pytest.raises(TrainingError, match=r"became (nan|inf|non-finite) .*step.*; nothing was saved after the last good"):
+        Trainer(job, progress=False).fit()
+    for step, path in list_checkpoints(tmp_path / "run" / "checkpoints"):
+        state = load_checkpoint(path)
+        assert all(tensor.isfinite().all() for tensor in state["backbone"].values() if tensor.is_floating_point())
+
+
+def test_resume_removes_partial_folders_left_by_a_killed_writer(tiny_job, tmp_path):
+    job = job_from_dict(tiny_job("run", train={"steps": 4, "checkpoint_every": 2}))
+    Trainer(job, progress=False).fit(stop_after=2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = os.uname().nodename.split(".")[0]
+    orphan = tmp_path / "run" / "checkpoints" / f".step_000000004.partial.{host}.{int(dead.stdout)}"
+    orphan.mkdir()
+    (orphan / "state.pt").write_bytes(bytes(10_000))
+    Trainer(job, resume=True, progress=False).fit()
+    assert not orphan.exists()
+
+
+def test_resume_refuses_data_with_another_number_of_classes(tiny_job, tmp_path):
+    job = job_from_dict(tiny_job("run", train={"steps": 4, "checkpoint_every": 2}))
+    Trainer(job, progress=False).fit(stop_after=2)
+    path = checkpoint_path(tmp_path / "run" / "checkpoints", 2)
+    state = load_checkpoint(path)
+    state["num_classes"] = 9
+    save_checkpoint(state, tmp_path / "run" / "checkpoints", 2)
+    with pytest.raises(CheckpointError, match="holds a head of 9 classes, but .* now has 6"):
+        Trainer(job, resume=True, progress=False).fit()
