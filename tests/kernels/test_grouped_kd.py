@@ -442,7 +442,7 @@ def test_shards_in_one_process_equal_unsharded(options, backend):
 
 def test_forced_target_in_another_shard(backend):
     student, teacher, _ = face_logits(4, 129, seed=13, dtype=torch.float32)
-    labels = torch.tensor([3, 60, 100, 128])
+    labels = torch.tensor([63, 64, 0, 128])  # either side of the shard border, the first and the last class
     bounds = [(0, 64), (64, 129)]
     sharded = grouped_kd_loss_sharded(
         [student[:, a:b] for a, b in bounds], [teacher[:, a:b] for a, b in bounds],
@@ -586,6 +586,7 @@ EMBEDDING_OPTIONS = [
     {"tau": 0.5, "temperature": 4.0, "w_secondary": 0.5},
     {"selection": "batch"},
     {"selection": "fixed", "k": 3, "force_target": True, "labels": torch.tensor([0, 9, 36, 5, 1])},
+    {"tau": 1.0, "w_secondary": 1.0},  # every class primary: an empty secondary group
 ]
 
 
@@ -610,8 +611,9 @@ def test_from_embeddings_matches_reference(shape, options, backend):
         torch.testing.assert_close(grad, reference_grad, atol=atol, rtol=rtol)
 
 
-def test_from_embeddings_bfloat16(backend):
-    embeddings = face_embeddings(18, 37, 32, 16, seed=17, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_embeddings_low_precision(dtype, backend):
+    embeddings = face_embeddings(18, 37, 32, 16, seed=17, dtype=dtype)
     student, student_centres, teacher, teacher_centres = embeddings
     # the reference sees the same rounded numbers, upcast exactly
     reference, reference_grads = embedding_reference(*embeddings, {"temperature": 2.0})
@@ -619,11 +621,11 @@ def test_from_embeddings_bfloat16(backend):
     loss = grouped_kd_loss_from_embeddings(inputs[0], inputs[1], teacher, teacher_centres, s=16.0,
                                            temperature=2.0)
     loss.backward()
-    atol, rtol = TOLERANCES[torch.bfloat16]
-    assert loss.dtype == torch.bfloat16
+    atol, rtol = TOLERANCES[dtype]
+    assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), reference, atol=atol, rtol=rtol)
     for tensor, reference_grad in zip(inputs, reference_grads):
-        assert tensor.grad.dtype == torch.bfloat16
+        assert tensor.grad.dtype == dtype
         torch.testing.assert_close(tensor.grad.double(), reference_grad, atol=atol, rtol=rtol)
 
 

@@ -182,6 +182,23 @@ def test_output_dtypes(backend):
     assert x.grad.dtype == w.grad.dtype == torch.bfloat16
 
 
+def test_saturated_and_tied_rows(backend):
+    """All the mass in one class (an embedding on its target's centre; one on a wrong class's centre),
+    and tied logits (two identical centres), at s = 64."""
+    x, w, labels, grad_rows = problem(6, 9, 16, seed=11)
+    w[5] = w[3]  # tied centres: every row has two equal logits
+    labels[2] = 5  # and in this row one of them is the target
+    # near its target (θ ≈ 0.1; exactly on it, fp32's acos(1 − ε) ≈ √(2ε) would dominate): p_target ≈ 1
+    direction = F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(12)), dim=0)
+    x[0], labels[0] = w[8] + 0.1 * w[8].norm() * direction, 8
+    x[1], labels[1] = 2.0 * w[4], 2  # on a non-target centre: nearly all mass in the wrong class
+    got = run(x, w, labels, grad_rows, **ARCFACE)
+    expected = run_oracle(x, w, labels, grad_rows, **ARCFACE)
+    assert expected[0][0] < 1e-6 and expected[0][1] > 50.0
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_matches(got, expected, TOLERANCES[torch.float32])
+
+
 def test_frozen_weight_gets_no_gradient(backend):
     x, w, labels, grad_rows = problem(9, 21, 16, seed=4)
     xs = leaf(x)
@@ -230,6 +247,7 @@ def test_class_index_gathers_rows(backend):
 def test_three_shards_reproduce_the_unsharded_loss(backend, margin_grad):
     x, w, labels, grad_rows = problem(11, 41, 24, seed=8)
     bounds = [0, 13, 29, 41]
+    labels[1:5] = torch.tensor([12, 13, 28, 29])  # either side of each shard border (and 40, 0 from problem)
     margin = MARGINS["combined"]
     shards = []
     for start, end in zip(bounds[:-1], bounds[1:]):
