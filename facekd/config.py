@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,6 +410,9 @@ def _check_weights(section: Any, *names: str) -> None:
         _check(math.isfinite(value) and value >= 0, name, f"must be a finite weight >= 0, got {value}")
 
 
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against the type ``hint``; returns it (ints widen to float)."""
     origin = typing.get_origin(hint)
@@ -443,6 +447,8 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         (item_hint,) = typing.get_args(hint)
         return [_convert(item, item_hint, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if hint is float and isinstance(value, str) and _FLOAT_LITERAL.match(value):
+        value = float(value)  # PyYAML reads 5e-4 (no dot in the mantissa) as a string
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")

@@ -336,11 +336,11 @@ class Trainer:
 
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
-                    window_start = run.step - window.steps + 1
+                    steps = f"steps {run.step - window.steps + 1}-{run.step}" if window.steps > 1 else f"step {run.step}"
                     label_mean, distill_mean, images_per_second = window.read(train.batch_size)
                     final_loss = label_mean + distill_mean
                     if not math.isfinite(final_loss):
-                        self._diverged(f"the loss became {final_loss} in steps {window_start}-{run.step}")
+                        self._diverged(f"the loss became {final_loss} in {steps}")
                     lr = run.scheduler.get_last_lr()[0]
                     for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean), ("lr", lr),
                                        ("images_per_second", images_per_second)):

@@ -73,3 +73,46 @@ def test_bench_kernels_writes_both_benchmarks(tmp_path):
         assert {row["method"] for row in rows} >= {"facekd"} and all(row["B"] == 8 for row in rows)
         assert (device_dir / f"{bench}.png").read_bytes()[:4] == b"\x89PNG"
         assert "|" in (device_dir / f"{bench}.md").read_text()
+
+
+def _run_main(capsys, *args):
+    from facekd.cli import main
+
+    code = main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(code, err, *fragments):
+    """Exit code 2 and one 'facekd: error:' line, after whatever progress bars printed; no traceback."""
+    last = err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert "Traceback" not in err and last.startswith("facekd: error: "), err
+    assert sum("facekd: error" in line for line in err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_job, tiny_data, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job("run", train={"steps": 2, "checkpoint_every": 2})))
+    # a YAML syntax error in --set
+    _one_line_error(*_run_main(capsys, "train", path, "--set", "optim.milestones=[1, 2"),
+                    "'optim.milestones=[1, 2': the value is not valid YAML")
+    # a missing job spec
+    _one_line_error(*_run_main(capsys, "train", tmp_path / "nope.yaml"), "nope.yaml does not exist")
+    # a non-finite loss names the step and the last good checkpoint
+    _one_line_error(*_run_main(capsys, "train", path, "--set", "optim.lr=1e12", "--set", "optim.clip_grad_norm=0",
+                               "--set", "train.log_every=1"), "the loss became nan in step", "last good checkpoint")
+    # a damaged checkpoint: eval refuses with the reason
+    assert _run_main(capsys, "train", tmp_path / "job.yaml", "--set", f"train.output_dir={tmp_path / 'ok'}")[0] == 0
+    state = tmp_path / "ok" / "checkpoints" / "step_000000002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(16)
+    state.write_bytes(bytes(data))
+    _one_line_error(*_run_main(capsys, "eval", tmp_path / "ok", "--bin", tiny_data / "data" / "val.bin", "--out",
+                               tmp_path / "eval"), "state.pt is damaged")
+    # --debug shows the traceback instead
+    from facekd.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        _run_main(capsys, "--debug", "eval", tmp_path / "ok", "--bin", tiny_data / "data" / "val.bin")
