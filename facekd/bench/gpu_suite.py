@@ -153,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for summary.json, summary.md, suite.log and charts (at most 8 files)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"seconds the whole suite may take, model start-up included (default {DEFAULT_BUDGET_S:.0f})")
+                        help=f"seconds the items may take, from the first item to the written summary "
+                             f"(default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code on CPU at tiny sizes, Triton kernels in the interpreter (what CI runs)")
 

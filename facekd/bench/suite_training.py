@@ -136,7 +136,8 @@ def _build_run(suite, backbone: str, methods: dict | None):
     # build the optimiser over every trained parameter (a constant learning rate: the schedule costs nothing)
     parameters = [*network.parameters(), *head.parameters(), *distiller.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=job.optim.lr, momentum=job.optim.momentum,
-                                weight_decay=job.optim.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+                                nesterov=job.optim.nesterov, weight_decay=job.optim.weight_decay,
+                                **({"fused": True} if device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     run = _Run(device=device, autocast=autocast, step=0, loader=None, unlabeled=None, backbone=network, head=head,
