@@ -168,3 +168,29 @@ def test_compare_counts_mismatches_and_disagreeing_non_finite_entries():
     check = checks.compare("y", got, expected, tolerance)
     assert not check.passed and check.mismatched == 2 and check.worst == pytest.approx(0.1 / 2e-3)
     assert not checks.compare("y", got[:3], expected, tolerance).passed
+
+
+def test_items_run_in_the_order_of_value_whatever_the_order_given(tmp_path):
+    assert cli.main(["bench", "gpu-suite", "--out", str(tmp_path), "--dry-run", "--budget-s", "1",
+                     "--items", "data", "correctness"]) == 0
+    assert list(json.loads((tmp_path / "summary.json").read_text())["items"]) == ["correctness", "data"]
+
+
+def test_a_failing_item_is_recorded_and_a_broken_device_skips_the_rest(tmp_path, monkeypatch):
+    from facekd.bench import gpu_suite
+
+    def fails(suite, deadline):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    ran = []
+    items = (gpu_suite.Item("first", "first", 0.5, 0.0, fails),
+             gpu_suite.Item("second", "second", 0.3, 0.0, lambda suite, deadline: ran.append(1) or {}),
+             gpu_suite.Item("third", "third", 0.2, 0.0, lambda suite, deadline: ran.append(1) or {}))
+    monkeypatch.setattr(gpu_suite, "_items", lambda: items)
+    monkeypatch.setattr(gpu_suite, "device_healthy", lambda device: False)
+    assert cli.main(["bench", "gpu-suite", "--out", str(tmp_path), "--dry-run"]) == 0
+    results = json.loads((tmp_path / "summary.json").read_text())["items"]
+    assert results["first"]["status"] == "failed" and "illegal memory access" in results["first"]["error"]
+    assert results["first"]["traceback"][-1].startswith("RuntimeError")
+    assert ran == [] and [results[name]["status"] for name in ("second", "third")] == ["skipped", "skipped"]
+    assert "the CUDA context broke in first; rerun with --items second third" in results["second"]["notes"][0]

@@ -157,6 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code on CPU at tiny sizes, Triton kernels in the interpreter (what CI runs)")
+    names = [item.name for item in _items()]
+    parser.add_argument("--items", nargs="+", choices=names, default=names,
+                        help="run only these items (default all; they always run in the order above, sharing "
+                             "the budget in proportion to their default shares)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     if args.dry_run:  # tiny ops on shared cores: OpenMP's spin-waits make several threads far slower than one
         torch.set_num_threads(1)
     try:
-        return _run_items(suite, args.budget_s)
+        return _run_items(suite, args.budget_s, args.items)
     finally:
         torch.set_num_threads(threads)
         root_logger.removeHandler(log_handler)
@@ -197,7 +201,9 @@ def _prepare_kernels(dry_run: bool) -> None:
             raise ConfigError("the GPU suite needs a CUDA device (torch sees none); --dry-run runs it on CPU")
 
 
-def _run_items(suite: Suite, budget_s: float) -> dict[str, Path]:
+def _run_items(suite: Suite, budget_s: float, names: list[str]) -> dict[str, Path]:
+    items = [item for item in _items() if item.name in names]
+    total_share = sum(item.share for item in items)
     start = time.perf_counter()
     usable = max(budget_s - RESERVE_S, 0.0)
     header = {
@@ -209,20 +215,24 @@ def _run_items(suite: Suite, budget_s: float) -> dict[str, Path]:
         properties = torch.cuda.get_device_properties(suite.device.torch_device)
         header["device_memory_gib"] = properties.total_memory / 2**30
     shares, broken_by = 0.0, None
-    for item in _items():
-        shares += item.share
+    for position, item in enumerate(items):
+        shares += item.share / total_share
         deadline = Deadline(start + usable * shares)
         minimum = 0.0 if suite.dry_run else item.min_s
         begin = time.perf_counter()
         if broken_by:
-            result = {"status": "skipped", "notes": [f"the CUDA context broke in {broken_by}"]}
+            rest = " ".join(later.name for later in items[position:])
+            result = {"status": "skipped",
+                      "notes": [f"the CUDA context broke in {broken_by}; rerun with --items {rest}"]}
         elif not deadline.allows(minimum):
             result = {"status": "skipped",
                       "notes": [f"needs at least {minimum:.0f} s, {max(deadline.left(), 0):.0f} s were left"]}
         else:
             logger.info("gpu-suite: %s (%.0f s left of its share)", item.title, deadline.left())
             result = _run_one(item, suite, deadline)
-            if result["status"] == "failed" and not _device_healthy(suite.device):
+            if device_healthy(suite.device):
+                release_memory(suite.device)
+            else:
                 broken_by = item.name
         suite.results[item.name] = {"title": item.title, "seconds": time.perf_counter() - begin, **result}
         header["elapsed_s"] = time.perf_counter() - start
@@ -234,17 +244,14 @@ def _run_items(suite: Suite, budget_s: float) -> dict[str, Path]:
 def _run_one(item: Item, suite: Suite, deadline: Deadline) -> dict:
     """The item's result with a status, or its failure: the suite goes on after either."""
     try:
-        result = item.run(suite, deadline)
+        return {"status": "ok", **item.run(suite, deadline)}
     except Exception as error:  # recorded in the summary, then the next item runs
         logger.exception("gpu-suite: %s failed", item.name)
-        release_memory(suite.device)
         return {"status": "failed", "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc().splitlines()[-12:]}
-    release_memory(suite.device)
-    return {"status": "ok", **result}
 
 
-def _device_healthy(device: Device) -> bool:
+def device_healthy(device: Device) -> bool:
     """Whether the device still runs work (an illegal memory access poisons the CUDA context)."""
     if not device.is_cuda:
         return True

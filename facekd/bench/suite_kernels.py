@@ -59,8 +59,11 @@ def correctness(suite, deadline) -> dict:
     """Every registered case in every dtype its tolerance table covers, most valuable dtype first."""
     from facekd.kernels import checks
 
+    from facekd.bench.gpu_suite import device_healthy
+
     rows = import_kernel_modules()
     durations: list[float] = []
+    broken_by = None
     for dtype_name in suite.sizes.check_dtypes:
         dtype = DTYPES[dtype_name]
         for case in checks.all_cases():
@@ -69,14 +72,17 @@ def correctness(suite, deadline) -> dict:
             shape = case.tiny if suite.sizes.tiny_kernel_shapes else case.realistic
             row = {"case": case.name, "dtype": dtype_name, "shape": " ".join(f"{k}={v}" for k, v in shape.items())}
             estimate = 1.5 * statistics.median(durations) if durations else 0.0
-            if not deadline.allows(estimate):
-                rows.append({**row, "status": "skipped", "error": f"~{estimate:.0f} s needed, "
-                                                                   f"{max(deadline.left(), 0):.0f} s left"})
+            if broken_by or not deadline.allows(estimate):
+                why = (f"the CUDA context broke in {broken_by}" if broken_by else
+                       f"~{estimate:.0f} s needed, {max(deadline.left(), 0):.0f} s left")
+                rows.append({**row, "status": "skipped", "error": why})
                 continue
             begin = time.perf_counter()
             rows.append({**row, **_check(case, dtype, suite.device, tiny=suite.sizes.tiny_kernel_shapes)})
             durations.append(time.perf_counter() - begin)
             rows[-1]["seconds"] = durations[-1]
+            if rows[-1]["status"] == "error" and not device_healthy(suite.device):
+                broken_by = f"{case.name} ({dtype_name})"  # every later case would fail for that alone
     counts = {status: sum(row["status"] == status for row in rows) for status in ("pass", "FAIL", "error", "skipped")}
     return {"status": "partial" if counts["skipped"] else "ok", "rows": rows, "counts": counts,
             "shapes": "tiny" if suite.sizes.tiny_kernel_shapes else "realistic"}
@@ -90,9 +96,6 @@ def _check(case, dtype: torch.dtype, device: Device, *, tiny: bool) -> dict:
     except Exception as error:  # a kernel that raises is reported like one that is wrong, and the next runs
         logger.exception("kernel case %s (%s) raised", case.name, dtype)
         return {"status": "error", "error": f"{type(error).__name__}: {str(error)[:300]}"}
-    finally:
-        if device.is_cuda:
-            torch.cuda.empty_cache()
     worst = max(outputs, key=lambda output: output.worst)
     return {"status": "pass" if all(output.passed for output in outputs) else "FAIL",
             "worst": worst.worst, "worst_output": worst.name,
