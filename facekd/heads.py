@@ -5,10 +5,10 @@ the fused Triton kernel or the plain-torch reference through ``FACEKD_KERNEL_BAC
 owns its centres as one [C, D] parameter, so that the distributed layer can later replace it by a
 class shard without the training step noticing.
 
-Logits a loss reads are formed in fp32 (float64 stays float64) whatever autocast encloses the call
-(:func:`full_precision`): at s = 64 a bf16 logit is off by up to 0.25, before a softmax over tens of
-thousands of classes. The fused kernels accumulate in fp32 by construction; the plain-torch paths get
-the same from this module.
+Logits a loss reads are formed in fp32 (float64 stays float64) whatever autocast encloses the call:
+at s = 64 bf16 logits above 32 are rounded to steps of 0.25, before a softmax over tens of thousands
+of classes. The fused kernels accumulate in fp32 by construction; the plain-torch paths get the same
+through :func:`full_precision`, here for the heads' logits and in the distiller for its logit terms.
 """
 from __future__ import annotations
 
