@@ -208,7 +208,7 @@ def _run_items(suite: Suite, budget_s: float, names: list[str]) -> dict[str, Pat
     usable = max(budget_s - RESERVE_S, 0.0)
     header = {
         "suite": "gpu-suite", "dry_run": suite.dry_run, "budget_s": budget_s, **environment(suite.device),
-        "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_cores": os.cpu_count(),
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
     if suite.device.is_cuda:
@@ -249,6 +249,16 @@ def _run_one(item: Item, suite: Suite, deadline: Deadline) -> dict:
         logger.exception("gpu-suite: %s failed", item.name)
         return {"status": "failed", "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc().splitlines()[-12:]}
+
+
+def cpu_name() -> str:
+    """The processor's model name (what the data loader's images/s per core were measured on)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def device_healthy(device: Device) -> bool:

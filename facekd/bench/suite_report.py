@@ -21,7 +21,7 @@ def render_markdown(summary: dict) -> str:
     device = summary["device"]
     lines = [f"# facekd GPU suite on {device}", ""]
     lines.append(f"Started {summary['started']}; torch {summary['torch']}, triton {summary['triton']}, "
-                 f"CUDA {summary['cuda']}, Python {summary['python']}; {summary['cpu_cores']} CPU cores. "
+                 f"CUDA {summary['cuda']}, Python {summary['python']}; {summary['cpu_cores']} cores of {summary['cpu']}. "
                  f"Budget {summary['budget_s']:.0f} s, used {summary.get('elapsed_s', 0):.0f} s.")
     if summary["dry_run"]:
         lines += ["", "**Dry run**: tiny sizes on CPU, Triton kernels in the interpreter. It shows that the suite "
@@ -40,11 +40,12 @@ def render_markdown(summary: dict) -> str:
         elif result["status"] == "skipped":
             lines += [f"Skipped: {'; '.join(result.get('notes', []))}", ""]
         else:
-            lines += [sections[name](result, device), ""]
+            lines += [sections[name](result, summary), ""]
     return "\n".join(lines)
 
 
-def _correctness(result: dict, device: str) -> str:
+def _correctness(result: dict, summary: dict) -> str:
+    device = summary["device"]
     counts = result["counts"]
     head = (f"{counts['pass']} passed, {counts['FAIL']} FAILED, {counts['error']} raised, {counts['skipped']} "
             f"skipped by the clock; {result['shapes']} shapes on {device}. Each case runs on the Triton path and "
@@ -52,7 +53,8 @@ def _correctness(result: dict, device: str) -> str:
     return head + markdown_table(result["rows"], CORRECTNESS_COLUMNS)
 
 
-def _margin_ce(result: dict, device: str) -> str:
+def _margin_ce(result: dict, summary: dict) -> str:
+    device = summary["device"]
     shape = result["shape"]
     columns = (
         Column("C", "C", "{:,}"), Column("method", "method"), Column("status", "status"),
@@ -78,7 +80,8 @@ def _margin_ce(result: dict, device: str) -> str:
     return text + "\n".join(fit_lines) + "\n"
 
 
-def _grouped_kd(result: dict, device: str) -> str:
+def _grouped_kd(result: dict, summary: dict) -> str:
+    device = summary["device"]
     shape = result["shape"]
     margin_ms = next((row["ms"] for row in result["margin_ce_rows"] if row.get("status") == "ok"), None)
     columns = (
@@ -93,7 +96,8 @@ def _grouped_kd(result: dict, device: str) -> str:
     return text + markdown_table(result["rows"], columns)
 
 
-def _training_step(result: dict, device: str) -> str:
+def _training_step(result: dict, summary: dict) -> str:
+    device = summary["device"]
     setup = result["setup"]
     columns = (
         Column("config", "step"), Column("backbone", "backbone"), Column("status", "status"),
@@ -116,11 +120,12 @@ def _training_step(result: dict, device: str) -> str:
     return text
 
 
-def _data(result: dict, device: str) -> str:
+def _data(result: dict, summary: dict) -> str:
+    device = summary["device"]
     measured = result["measured"]
     per_core = result["loader_images_per_s_per_core"]
     slowest = max(measured["breakdown"], key=measured["breakdown"].get)
-    text = (f"The training loader on one CPU core of this machine ({measured['cores']} cores), "
+    text = (f"The training loader on one core of {summary['cpu']} ({measured['cores']} cores), "
             f"{measured['num_images']} synthetic JPEG faces at {measured['image_size']} px: {per_core:,.0f} images/s "
             f"per core through the loader (tar, shuffle, decode, flips, batches), "
             f"{measured['decode_only_images_per_s']:,.0f} images/s for the JPEG decode alone (the loader takes "
