@@ -17,6 +17,19 @@ the input dtype: ``|got − expected| ≤ atol + atol_of_max·max|expected| + rt
 elementwise, with the same non-finite entries. The tolerance tables live beside the kernels, next to
 the accuracy their docstrings state; the unit tests of the kernels read the same numbers.
 
+A new kernel file registers its cases at its end, e.g. for a kernel ``dynamic_group_conv``::
+
+    from facekd.kernels import checks as _checks
+
+    TOLERANCES = {torch.float32: _checks.Tolerance(rtol=1e-4, atol=1e-5), ...}  # what its tests use
+    _checks.register(_checks.KernelCase(
+        "dynamic_group_conv/forward_backward", make_inputs, compute, TOLERANCES,
+        realistic={"B": 512, "C": 128, "H": 14, "experts": 4}, tiny={"B": 3, "C": 8, "H": 5, "experts": 2}))
+
+with ``compute(inputs)`` calling the kernel's public function (which takes the path that
+``FACEKD_KERNEL_BACKEND`` selects) and returning its outputs and gradients, typically through
+:func:`loss_and_gradients`. ``facekd bench gpu-suite`` then checks it without further edits.
+
 This module imports only torch (kernels ← distributed ← facekd).
 """
 from __future__ import annotations

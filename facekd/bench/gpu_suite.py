@@ -158,8 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code on CPU at tiny sizes, Triton kernels in the interpreter (what CI runs)")
     names = [item.name for item in _items()]
-    parser.add_argument("--items", nargs="+", choices=names, default=names,
-                        help="run only these items (default all; they always run in the order above, sharing "
+    parser.add_argument("--items", nargs="+", choices=names, default=names, metavar="ITEM",
+                        help=f"run only these of {' '.join(names)} (default all; they run in that order and share "
                              "the budget in proportion to their default shares)")
 
 
