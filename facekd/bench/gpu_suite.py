@@ -251,6 +251,16 @@ def _run_one(item: Item, suite: Suite, deadline: Deadline) -> dict:
                 "traceback": traceback.format_exc().splitlines()[-12:]}
 
 
+def attempt(label: str, measure: Callable[[], list], notes: list[str]) -> list:
+    """``measure()``, or [] with a note when it raises: one failed configuration does not end its item."""
+    try:
+        return measure()
+    except Exception as error:  # recorded in the item's notes, then the next configuration runs
+        logger.exception("%s failed", label)
+        notes.append(f"{label} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
+        return []
+
+
 def cpu_name() -> str:
     """The processor's model name (what the data loader's images/s per core were measured on)."""
     cpuinfo = Path("/proc/cpuinfo")

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from facekd.bench.common import DTYPES, OOM, Device, draw_chart, guard_oom
+from facekd.bench.gpu_suite import Deadline, Suite, attempt, device_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ FIT_PRECISION = 1.05  # the fit search stops when largest-fitting and smallest-f
 FIT_PROBE_S = 3.0  # first guess of one fit probe on a GPU
 
 
-def _kernels_path(suite) -> contextlib.AbstractContextManager:
+def _kernels_path(suite: Suite) -> contextlib.AbstractContextManager:
     """The Triton path for facekd's kernels: automatic on CUDA, the interpreter in the dry run."""
     from facekd.kernels.checks import kernel_backend
 
@@ -55,11 +56,9 @@ def import_kernel_modules() -> list[dict]:
     return failures
 
 
-def correctness(suite, deadline) -> dict:
+def correctness(suite: Suite, deadline: Deadline) -> dict:
     """Every registered case in every dtype its tolerance table covers, most valuable dtype first."""
     from facekd.kernels import checks
-
-    from facekd.bench.gpu_suite import device_healthy
 
     rows = import_kernel_modules()
     durations: list[float] = []
@@ -107,7 +106,7 @@ def _check(case, dtype: torch.dtype, device: Device, *, tiny: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def margin_ce(suite, deadline) -> dict:
+def margin_ce(suite: Suite, deadline: Deadline) -> dict:
     """facekd against eager, matmul (all C), the largest C that fits, then torch.compile while time allows."""
     from facekd.bench import margin as margin_bench
 
@@ -123,9 +122,16 @@ def margin_ce(suite, deadline) -> dict:
                 notes.append(f"C = {n_classes:,} skipped: ~{estimate:.0f} s needed, {deadline.left():.0f} s left")
                 continue
             begin = time.perf_counter()
-            rows += margin_bench._bench_config(batch, n_classes, dim, dtype, "arcface", list(MARGIN_METHODS), device)
+            rows += attempt(f"C = {n_classes:,}", lambda: margin_bench._bench_config(
+                batch, n_classes, dim, dtype, "arcface", list(MARGIN_METHODS), device), notes)
             previous = (n_classes, time.perf_counter() - begin)
-        fits = {method: _largest_fit(method, suite, deadline, notes) for method in FIT_METHODS}
+        fits = {}
+        for method in FIT_METHODS:
+            try:
+                fits[method] = _largest_fit(method, suite, deadline, notes)
+            except RuntimeError as error:  # anything but running out of memory ends this method's search
+                logger.exception("largest-C search of %s failed", method)
+                fits[method] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         # torch.compile last: each C compiles afresh, and that costs more than everything above
         compile_s = sizes.first_compile_s
         if not device.is_cuda:
@@ -137,15 +143,15 @@ def margin_ce(suite, deadline) -> dict:
                                  f"{deadline.left():.0f} s left")
                     continue
                 begin = time.perf_counter()
-                rows += margin_bench._bench_config(batch, n_classes, dim, dtype, "arcface", ["torch_compile"],
-                                                   device)
+                rows += attempt(f"torch_compile at C = {n_classes:,}", lambda: margin_bench._bench_config(
+                    batch, n_classes, dim, dtype, "arcface", ["torch_compile"], device), notes)
                 compile_s = 1.2 * (time.perf_counter() - begin)
     _ratios_to_compile(rows)
     chart = suite.out / "margin_ce.png"
     draw_chart(rows, margin_bench.CHART, chart)
     element = torch.finfo(DTYPES[dtype]).bits // 8
-    skipped = any("skipped" in note for note in notes)
-    return {"status": "partial" if skipped else "ok", "rows": rows, "largest_fit": fits, "notes": notes,
+    incomplete = any(word in note for note in notes for word in ("skipped", "failed", "stopped"))
+    return {"status": "partial" if incomplete else "ok", "rows": rows, "largest_fit": fits, "notes": notes,
             "shape": {"B": batch, "D": dim, "dtype": dtype, "margin": "arcface"},
             "bytes_per_class_lower_bound": 2 * dim * element, "chart": chart.name}
 
@@ -158,7 +164,7 @@ def _ratios_to_compile(rows: list[dict]) -> None:
             row["vs_compile"] = row["ms"] / compiled[row["C"]]
 
 
-def _largest_fit(method: str, suite, deadline, notes: list[str]) -> dict:
+def _largest_fit(method: str, suite: Suite, deadline: Deadline, notes: list[str]) -> dict:
     """The largest C whose forward + backward of ``method`` runs without running out of memory."""
     from facekd.bench import margin as margin_bench
 
@@ -190,8 +196,8 @@ def _largest_fit(method: str, suite, deadline, notes: list[str]) -> dict:
     return result
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int, ceiling: int, *, deadline, probe_s: float,
-                    precision: float = FIT_PRECISION) -> dict:
+def largest_fitting(fits: Callable[[int], bool], start: int, ceiling: int, *, deadline: Deadline,
+                    probe_s: float, precision: float = FIT_PRECISION) -> dict:
     """Bisection in log space for the largest n ≤ ``ceiling`` with ``fits(n)``, starting from ``start``.
 
     ``fits`` must be monotone (true up to some n, false above). The ceiling is probed first: when it
@@ -229,7 +235,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int, ceiling: int, *, de
 # ---------------------------------------------------------------------------------------------
 
 
-def grouped_kd(suite, deadline) -> dict:
+def grouped_kd(suite: Suite, deadline: Deadline) -> dict:
     """Both forms of the fused grouped KD against the sort-based reference, and against the fused
     margin CE of the same shape (what distillation adds to the classifier's own loss)."""
     from facekd.bench import gkd as gkd_bench
@@ -239,15 +245,16 @@ def grouped_kd(suite, deadline) -> dict:
     batch, n_classes, dim, dtype = sizes.gkd_batch, sizes.gkd_classes, sizes.gkd_dim, sizes.gkd_dtype
     rows, notes = [], []
     with _kernels_path(suite):
-        margin_rows = margin_bench._bench_config(batch, n_classes, dim, dtype, "arcface", ["facekd"], device)
+        margin_rows = attempt("fused margin CE", lambda: margin_bench._bench_config(
+            batch, n_classes, dim, dtype, "arcface", ["facekd"], device), notes)
         form_s = sizes.first_gkd_form_s
         for form in ("embeddings", "logits"):
             if not deadline.allows(form_s):
                 notes.append(f"form {form} skipped: ~{form_s:.0f} s needed, {deadline.left():.0f} s left")
                 continue
             begin = time.perf_counter()
-            rows += gkd_bench._bench_config(form, batch, n_classes, dim, dtype, list(gkd_bench.METHODS),
-                                            GKD_OPTIONS, device)
+            rows += attempt(f"form {form}", lambda: gkd_bench._bench_config(
+                form, batch, n_classes, dim, dtype, list(gkd_bench.METHODS), GKD_OPTIONS, device), notes)
             form_s = 1.2 * (time.perf_counter() - begin)
     margin_ms = next((row["ms"] for row in margin_rows if row["method"] == "facekd" and row.get("status") == "ok"),
                      None)

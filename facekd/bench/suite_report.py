@@ -68,8 +68,10 @@ def _margin_ce(result: dict, summary: dict) -> str:
     text += markdown_table(sorted(result["rows"], key=lambda row: (row["C"], row["method"])), columns)
     fit_lines = []
     for method, fit in result["largest_fit"].items():
-        largest, failing = fit["largest_fitting"], fit["smallest_failing"]
-        if largest is None:
+        largest, failing = fit.get("largest_fitting"), fit.get("smallest_failing")
+        if "error" in fit:
+            fit_lines.append(f"- {method}: the search failed: `{fit['error']}`")
+        elif largest is None:
             fit_lines.append(f"- {method}: not even {failing:,} classes fit")
         elif failing is None:
             fit_lines.append(f"- {method}: ≥ {largest:,} classes (the weight and its gradient alone fill the memory)")

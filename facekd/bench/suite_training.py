@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from facekd.bench.common import peak_memory_bytes, release_memory, time_ms
+from facekd.bench.gpu_suite import Deadline, Suite, attempt
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class _SyntheticBatch(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-def training_step(suite, deadline) -> dict:
+def training_step(suite: Suite, deadline: Deadline) -> dict:
     """images/s of the student without distillation, with GKD, with KD, and of the teacher's step."""
     sizes, device = suite.sizes, suite.device
     rows, notes = [], []
@@ -63,8 +64,9 @@ def training_step(suite, deadline) -> dict:
             notes.append(f"{name} skipped: ~{estimate:.0f} s needed, {deadline.left():.0f} s left")
             continue
         begin = time.perf_counter()
-        rows.append({"config": name, "backbone": backbone, "methods": methods, **_time_step(suite, backbone,
-                                                                                             methods, batch)})
+        timed = attempt(name, lambda: [_time_step(suite, backbone, methods, batch)], notes)
+        rows.append({"config": name, "backbone": backbone, "methods": methods,
+                     **(timed[0] if timed else {"status": "failed"})})
         student_s = max(student_s, time.perf_counter() - begin) if name == "student" else student_s
         release_memory(device)
     reference = next((row["ms"] for row in rows if row["config"] == "student" and row.get("status") == "ok"), None)
@@ -82,7 +84,7 @@ def training_step(suite, deadline) -> dict:
                       "gkd_paper_overhead": GKD_PAPER_OVERHEAD, "overhead_target": OVERHEAD_TARGET}}
 
 
-def _time_step(suite, backbone: str, methods: dict | None, batch: _SyntheticBatch) -> dict:
+def _time_step(suite: Suite, backbone: str, methods: dict | None, batch: _SyntheticBatch) -> dict:
     """Build one run's parts as the trainer does, then time its step (and its peak memory)."""
     from facekd.kernels.checks import kernel_backend
 
@@ -95,7 +97,7 @@ def _time_step(suite, backbone: str, methods: dict | None, batch: _SyntheticBatc
     return {"status": "ok", **timing, "peak_gb": peak / 2**30 if peak else None}
 
 
-def _build_run(suite, backbone: str, methods: dict | None):
+def _build_run(suite: Suite, backbone: str, methods: dict | None):
     """A Trainer and its run state for ``backbone``; ``methods`` None: the teacher's own step (labels only)."""
     from facekd.config import ModelConfig, job_from_dict
     from facekd.distill.distiller import Distiller
@@ -151,7 +153,7 @@ def _build_run(suite, backbone: str, methods: dict | None):
 # ---------------------------------------------------------------------------------------------
 
 
-def data_feed(suite, deadline) -> dict:
+def data_feed(suite: Suite, deadline: Deadline) -> dict:
     """Loader images/s per CPU core, and the cores one GPU needs for each step of item 4."""
     from facekd.bench import data as data_bench
 
