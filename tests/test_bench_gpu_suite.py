@@ -194,3 +194,16 @@ def test_a_failing_item_is_recorded_and_a_broken_device_skips_the_rest(tmp_path,
     assert results["first"]["traceback"][-1].startswith("RuntimeError")
     assert ran == [] and [results[name]["status"] for name in ("second", "third")] == ["skipped", "skipped"]
     assert "the CUDA context broke in first; rerun with --items second third" in results["second"]["notes"][0]
+
+
+def test_a_failed_configuration_is_a_note_not_the_end_of_its_item():
+    from facekd.bench.gpu_suite import attempt
+
+    notes = []
+
+    def explode():
+        raise RuntimeError("Triton Error [CUDA]: misaligned address\nmore detail")
+
+    assert attempt("C = 360,232", explode, notes) == []
+    assert attempt("C = 85,742", lambda: [{"ms": 1.0}], notes) == [{"ms": 1.0}]
+    assert notes == ["C = 360,232 failed: RuntimeError: Triton Error [CUDA]: misaligned address"]
