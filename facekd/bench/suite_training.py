@@ -89,7 +89,10 @@ def _time_step(suite: Suite, backbone: str, methods: dict | None, batch: _Synthe
     from facekd.kernels.checks import kernel_backend
 
     trainer, run = _build_run(suite, backbone, methods)
-    step = lambda: trainer._step(run, batch)  # noqa: E731
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        return trainer._step(run, batch)
+
     # dry run: the Triton kernels in the interpreter, as a GPU runs them
     with kernel_backend("triton") if suite.dry_run else contextlib.nullcontext():
         timing = time_ms(step, suite.device)
