@@ -14,8 +14,11 @@ manifest names class ``c`` (the folder name, or the source label in decimal). PN
 
 The conversion is resumable: a shard is written under ``.shard-NNNNNN.tar.partial``, then renamed, then its
 sidecar is renamed into place; a re-run keeps every shard whose sidecar matches the run's settings and whose
-tar has the recorded size, and rewrites the others. Images that fail to decode are skipped, counted per shard
-and in the manifest, and logged.
+tar has the recorded size and sha256, and rewrites the others. Images that fail to decode are skipped, counted
+per shard and in the manifest, and logged.
+
+Problems of the user's data (missing or malformed sources, manifests, shards) raise
+:class:`~facekd.errors.DataError` naming the file; bad options raise :class:`~facekd.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
 from facekd.data.recordio import RecordIOReader, read_property
 from facekd.data.verification import load_bin
+from facekd.errors import ConfigError, DataError
 
 __all__ = ["MANIFEST_FORMAT_VERSION", "convert_to_shards", "inspect_dataset", "read_manifest", "shard_name"]
 
@@ -78,10 +82,10 @@ class _ShardTask:
 
 def _detect_source(source: Path) -> _Source:
     if not source.exists():
-        raise FileNotFoundError(f"conversion source {source} does not exist")
+        raise DataError(f"conversion source {source} does not exist")
     if source.is_file():
         if source.suffix != ".rec":
-            raise ValueError(f"conversion source {source} is a file but not a .rec; expected a .rec or a directory")
+            raise DataError(f"conversion source {source} is a file but not a .rec; expected a .rec or a directory")
         idx_path = source.with_suffix(".idx")
         return _Source("rec", source, idx_path if idx_path.is_file() else None)
     if (source / "train.rec").is_file():
@@ -89,7 +93,7 @@ def _detect_source(source: Path) -> _Source:
         return _Source("rec", source / "train.rec", idx_path if idx_path.is_file() else None)
     if any(child.is_dir() for child in source.iterdir()):
         return _Source("folder", source)
-    raise ValueError(
+    raise DataError(
         f"conversion source {source} holds neither train.rec nor identity sub-folders (root/<identity>/*.jpg)"
     )
 
@@ -109,7 +113,7 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         class_names.append(identity_dir.name)
         samples.extend((str(path.relative_to(root)), class_id) for path in images)
     if not samples:
-        raise ValueError(f"image folder {root} holds no {IMAGE_EXTENSIONS} images in identity sub-folders")
+        raise DataError(f"image folder {root} holds no {IMAGE_EXTENSIONS} images in identity sub-folders")
     return class_names, samples
 
 
@@ -186,12 +190,17 @@ def _completed_shard(task: _ShardTask) -> dict[str, Any] | None:
     if sidecar.get("settings") != task.settings:
         previous = sidecar.get("settings") or {}
         differing = sorted(key for key in {**task.settings, **previous} if task.settings.get(key) != previous.get(key))
-        raise ValueError(
+        raise DataError(
             f"{_sidecar_path(task.out_dir, task.index)} was written by a conversion with other settings "
             f"({', '.join(differing)} differ); use an empty output directory"
         )
     if tar_path.stat().st_size != sidecar.get("size"):
         return None
+    # a shard damaged in place keeps its size: only its digest tells
+    with open(tar_path, "rb") as f:
+        if _sha256(f) != sidecar.get("sha256"):
+            logger.warning("%s: sha256 differs from the one recorded when it was written; rewriting it", tar_path)
+            return None
     return sidecar
 
 
@@ -224,10 +233,8 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     finally:
         if reader is not None:
             reader.close()
-    digest = hashlib.sha256()
     with open(partial_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest = _sha256(f)
         os.fsync(f.fileno())
     sidecar = {
         "name": tar_path.name,
@@ -235,13 +242,21 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
         "num_corrupt": len(corrupt),
         "corrupt": corrupt,
         "size": partial_path.stat().st_size,
-        "sha256": digest.hexdigest(),
+        "sha256": digest,
         "image_sizes": sorted([list(size) for size in image_sizes]),
         "settings": task.settings,
     }
     os.replace(partial_path, tar_path)
     _write_json_atomically(_sidecar_path(task.out_dir, task.index), sidecar)
     return sidecar
+
+
+def _sha256(f: BinaryIO) -> str:
+    """Hex sha256 of what remains of an open binary file."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_json_atomically(path: Path, content: dict[str, Any]) -> None:
@@ -282,9 +297,9 @@ def convert_to_shards(
         images share it, else None), source, source_type, shard_size, shuffle, seed, created.
     """
     if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise ConfigError(f"shard_size must be positive, got {shard_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     detected = _detect_source(Path(source).resolve())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,10 +339,11 @@ def convert_to_shards(
         for start in range(0, len(refs), shard_size)
     ]
 
-    # write the shards that an earlier run did not finish
+    # write the shards that an earlier run did not finish (hashing the finished ones shows a bar if it is slow)
     sidecars: dict[int, dict[str, Any]] = {}
     pending = []
-    for task in tasks:
+    checking = tqdm(tasks, desc="checking written shards", unit="shard", delay=2.0, disable=not show_progress)
+    for task in checking:
         done = _completed_shard(task)
         if done is None:
             pending.append(task)
@@ -383,26 +399,26 @@ def _run_tasks(tasks: Sequence[_ShardTask], num_workers: int) -> Iterator[dict[s
 def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """Loads and validates a shard manifest (a ``manifest.json`` or the directory holding it).
 
-    Returns (manifest, directory of the manifest). Raises FileNotFoundError or ValueError naming the file.
+    Returns (manifest, directory of the manifest). Raises DataError naming the file.
     """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"shard manifest {path} does not exist")
+        raise DataError(f"shard manifest {path} does not exist")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise DataError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected {MANIFEST_FORMAT_VERSION}"
         )
     for field, kind in (("num_classes", int), ("num_samples", int), ("shards", list)):
         if not isinstance(manifest.get(field), kind):
-            raise ValueError(f"{path}: field {field!r} should be {kind.__name__}, got {manifest.get(field)!r}")
+            raise DataError(f"{path}: field {field!r} should be {kind.__name__}, got {manifest.get(field)!r}")
     for position, shard in enumerate(manifest["shards"]):
         valid = (
             isinstance(shard, dict)
@@ -411,11 +427,11 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
             and shard["num_samples"] >= 0
         )
         if not valid:
-            raise ValueError(
+            raise DataError(
                 f"{path}: shards[{position}] should be {{name: str, num_samples: int >= 0}}, got {shard!r}"
             )
     if sum(shard["num_samples"] for shard in manifest["shards"]) != manifest["num_samples"]:
-        raise ValueError(f"{path}: shard sample counts do not add up to num_samples {manifest['num_samples']}")
+        raise DataError(f"{path}: shard sample counts do not add up to num_samples {manifest['num_samples']}")
     return manifest, path.parent
 
 
@@ -436,21 +452,27 @@ def _inspect_tar(path: Path) -> tuple[int, str | None]:
     return len(keys), None
 
 
-def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
+def inspect_dataset(
+    path: str | os.PathLike[str], *, verify_digests: bool = True, show_progress: bool = True
+) -> dict[str, Any]:
     """Summarises a data set and checks it; ``path`` is a shard directory or manifest, a ``.rec`` (or a
     directory holding ``train.rec``), an image folder, or a verification ``.bin``.
 
     Every summary has ``type`` ("shards" | "rec" | "folder" | "verification"). Shards: num_classes,
-    num_samples, num_shards, shards [{name, expected, found, status: ok | missing | truncated | count
-    mismatch, problem}], ok (all shards present and complete). rec: layout, num_images, num_records,
-    num_classes (property file, else header K), image_size. folder: num_classes, num_images. verification:
-    num_pairs, num_positive.
+    num_samples, num_shards, digests_verified, shards [{name, expected, found, status: ok | missing | truncated |
+    count mismatch | digest mismatch, problem}], ok (every shard present, complete, with the manifest's sample
+    count and — unless ``verify_digests`` is False — its size and sha256). rec: layout, num_images,
+    num_records, num_classes (property file, else header K), image_size. folder: num_classes, num_images.
+    verification: num_pairs, num_positive (every image is decoded). ``show_progress`` draws a tqdm bar while
+    the shards are hashed, if that takes more than a moment.
+
+    Raises DataError for a path that does not exist or cannot be read as any of these.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise DataError(f"{path} does not exist")
     if path.name == MANIFEST_NAME or (path.is_dir() and (path / MANIFEST_NAME).is_file()):
-        return _inspect_shards(path)
+        return _inspect_shards(path, verify_digests, show_progress)
     if path.suffix == ".bin":
         _, issame = load_bin(path)
         return {
@@ -477,26 +499,39 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     return summary
 
 
-def _inspect_shards(path: Path) -> dict[str, Any]:
+def _inspect_shard(shard: dict[str, Any], shard_path: Path, verify_digest: bool) -> dict[str, Any]:
+    """One shard's entry of ``inspect_dataset``: the first problem found, in the order of the statuses."""
+    entry = {"name": shard["name"], "expected": shard["num_samples"], "found": 0, "status": "ok", "problem": None}
+    if not shard_path.is_file():
+        return {**entry, "status": "missing", "problem": f"{shard_path} does not exist"}
+    found, problem = _inspect_tar(shard_path)
+    entry["found"] = found
+    size, expected_size = shard_path.stat().st_size, shard.get("size")
+    if problem is None and expected_size is not None and size < expected_size:
+        problem = f"{size} bytes, manifest says {expected_size}"
+    if problem is not None:
+        return {**entry, "status": "truncated", "problem": problem}
+    if found != shard["num_samples"]:
+        problem = f"{found} samples, manifest says {shard['num_samples']}"
+        return {**entry, "status": "count mismatch", "problem": problem}
+    if verify_digest and expected_size is not None and size != expected_size:
+        return {**entry, "status": "digest mismatch", "problem": f"{size} bytes, manifest says {expected_size}"}
+    if verify_digest and shard.get("sha256") is not None:
+        with open(shard_path, "rb") as f:
+            digest = _sha256(f)
+        if digest != shard["sha256"]:
+            problem = f"sha256 {digest}, manifest says {shard['sha256']}"
+            return {**entry, "status": "digest mismatch", "problem": problem}
+    return entry
+
+
+def _inspect_shards(path: Path, verify_digests: bool, show_progress: bool) -> dict[str, Any]:
     manifest, directory = read_manifest(path)
-    shards = []
-    for shard in manifest["shards"]:
-        shard_path = directory / shard["name"]
-        entry = {"name": shard["name"], "expected": shard["num_samples"], "found": 0, "status": "ok", "problem": None}
-        if not shard_path.is_file():
-            entry.update(status="missing", problem=f"{shard_path} does not exist")
-        else:
-            found, problem = _inspect_tar(shard_path)
-            entry["found"] = found
-            expected_size = shard.get("size")
-            if expected_size is not None and shard_path.stat().st_size < expected_size:
-                problem = f"{shard_path.stat().st_size} bytes, manifest says {expected_size}"
-            if problem is not None:
-                entry.update(status="truncated", problem=problem)
-            elif found != shard["num_samples"]:
-                problem = f"{found} samples, manifest says {shard['num_samples']}"
-                entry.update(status="count mismatch", problem=problem)
-        shards.append(entry)
+    shards = [
+        _inspect_shard(shard, directory / shard["name"], verify_digests)
+        for shard in tqdm(manifest["shards"], desc="checking shards", unit="shard", delay=2.0,
+                          disable=not show_progress)
+    ]
     return {
         "type": "shards",
         "path": str(directory),
@@ -504,6 +539,7 @@ def _inspect_shards(path: Path) -> dict[str, Any]:
         "num_samples": manifest["num_samples"],
         "num_shards": len(shards),
         "num_corrupt_skipped": manifest.get("num_corrupt", 0),
+        "digests_verified": verify_digests,
         "shards": shards,
         "ok": all(entry["status"] == "ok" for entry in shards),
     }

@@ -48,6 +48,8 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from facekd.errors import DataError
+
 __all__ = [
     "IRHeader",
     "RECORDIO_MAGIC",
@@ -81,7 +83,7 @@ id, id2: uint64 user fields (insightface leaves them 0).
 """
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError):
     """A RecordIO, ``.idx`` or ``property`` file is malformed; the message names the file and the offset."""
 
 
@@ -310,7 +312,7 @@ class RecordIOReader:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
         if not self.rec_path.is_file():
-            raise FileNotFoundError(f"RecordIO file {self.rec_path} does not exist")
+            raise RecordIOError(f"RecordIO file {self.rec_path} does not exist")
         self._file_size = self.rec_path.stat().st_size
         self._rec: BinaryIO = open(self.rec_path, "rb")
         if self.idx_path is not None:
@@ -338,7 +340,7 @@ class RecordIOReader:
 
     def _read_idx(self, idx_path: Path) -> dict[int, int]:
         if not idx_path.is_file():
-            raise FileNotFoundError(f"RecordIO index {idx_path} does not exist")
+            raise RecordIOError(f"RecordIO index {idx_path} does not exist")
         offsets: dict[int, int] = {}
         with open(idx_path, encoding="ascii") as f:
             for line_number, line in enumerate(f, start=1):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from facekd.data.recordio import write_insightface_rec
 from facekd.data.verification import write_bin
+from facekd.errors import ConfigError, DataError
 
 __all__ = [
     "FaceParams",
@@ -305,7 +306,7 @@ class FaceRenderer:
 
     def __init__(self, image_size: int = 112) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-            raise ValueError(f"image_size must be an integer of at least 32 pixels, got {image_size!r}")
+            raise ConfigError(f"image_size must be an integer of at least 32 pixels, got {image_size!r}")
         self.image_size = image_size
         self.canvas = image_size * RENDER_SCALE
         grid = (np.arange(self.canvas, dtype=np.float32) + 0.5) / self.canvas
@@ -642,7 +643,7 @@ def _training_samples(
 
 def _check_count(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def synthesize(
@@ -664,7 +665,7 @@ def synthesize(
     and ``val_hard.bin``, ``num_pairs`` verification pairs each (half same-identity) of ``num_val_identities``
     identities disjoint from the training ones, ``val_hard.bin`` pairing look-alikes as its different pairs;
     ``synth.json``, the returned summary. The same arguments give byte-identical files (with the same NumPy and
-    Pillow builds: JPEG bytes depend on libjpeg). Existing outputs are an error unless ``overwrite``, which deletes
+    Pillow builds: JPEG bytes depend on libjpeg). Existing outputs are a DataError unless ``overwrite``, which deletes
     them first (stale identity folders would corrupt the counts).
     """
     _check_count("num_identities", num_identities, 1)
@@ -673,7 +674,7 @@ def synthesize(
     _check_count("num_pairs", num_pairs, 2)
     _check_count("seed", seed, 0)
     if num_pairs % 2:
-        raise ValueError(f"num_pairs must be even (half same, half different pairs), got {num_pairs}")
+        raise ConfigError(f"num_pairs must be even (half same, half different pairs), got {num_pairs}")
     renderer = FaceRenderer(image_size)
     out = Path(out_dir)
     pair_sets = {"val": False, "val_hard": True}
@@ -681,7 +682,7 @@ def synthesize(
     outputs += [out / "images", out / "synth.json"] + [out / f"{name}.bin" for name in pair_sets]
     existing = [path for path in outputs if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds generated data ({', '.join(map(str, existing))}); use overwrite")
+        raise DataError(f"{out} already holds generated data ({', '.join(map(str, existing))}); use overwrite")
     for path in existing:
         if path.is_dir():
             shutil.rmtree(path)

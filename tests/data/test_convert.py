@@ -1,4 +1,5 @@
-"""Conversion of image folders and RecordIO files into WebDataset shards, resume after a kill, inspection."""
+"""Conversion of image folders and RecordIO files into WebDataset shards, resume after a kill or damage,
+inspection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 from facekd.data.convert import convert_to_shards, inspect_dataset
 from facekd.data.recordio import RecordIOWriter, write_insightface_rec
 from facekd.data.verification import write_bin
+from facekd.errors import ConfigError, DataError
 
 
 def encode(seed: int, image_format: str = "JPEG", size: tuple[int, int] = (12, 10)) -> bytes:
@@ -133,13 +135,33 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_settings_mismatch_and_missing_source(tmp_path: Path) -> None:
     make_folder(tmp_path / "faces")
     convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, show_progress=False)
-    with pytest.raises(ValueError, match="shard-000000.json was written by a conversion with other settings"):
+    with pytest.raises(DataError, match="shard-000000.json was written by a conversion with other settings"):
         convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, seed=1, show_progress=False)
-    with pytest.raises(FileNotFoundError, match="conversion source .*nowhere does not exist"):
+    with pytest.raises(DataError, match="conversion source .*nowhere does not exist"):
         convert_to_shards(tmp_path / "nowhere", tmp_path / "out2", show_progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds neither train.rec nor identity sub-folders"):
+    with pytest.raises(DataError, match="holds neither train.rec nor identity sub-folders"):
         convert_to_shards(tmp_path / "empty", tmp_path / "out2", show_progress=False)
+    with pytest.raises(ConfigError, match="shard_size must be positive, got 0"):
+        convert_to_shards(tmp_path / "faces", tmp_path / "out3", shard_size=0, show_progress=False)
+    with pytest.raises(DataError, match="nowhere does not exist"):
+        inspect_dataset(tmp_path / "nowhere")
+
+
+def test_resume_rewrites_a_kept_shard_damaged_in_place(tmp_path: Path) -> None:
+    make_folder(tmp_path / "faces")
+    first = convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, show_progress=False)
+    shard = tmp_path / "out" / "shard-000001.tar"
+    original = shard.read_bytes()
+    damaged = bytearray(original)
+    damaged[612] ^= 0xFF  # one flipped byte inside the first image: same size, other sha256
+    shard.write_bytes(bytes(damaged))
+    untouched_mtime = (tmp_path / "out" / "shard-000000.tar").stat().st_mtime_ns
+
+    resumed = convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, show_progress=False)
+    assert shard.read_bytes() == original  # rewritten, not kept
+    assert (tmp_path / "out" / "shard-000000.tar").stat().st_mtime_ns == untouched_mtime  # intact: kept
+    assert [entry["sha256"] for entry in resumed["shards"]] == [entry["sha256"] for entry in first["shards"]]
 
 
 def test_inspect_flags_truncated_and_missing_shards(tmp_path: Path) -> None:
@@ -161,6 +183,34 @@ def test_inspect_flags_truncated_and_missing_shards(tmp_path: Path) -> None:
     assert [entry["status"] for entry in report["shards"]] == ["ok", "truncated", "missing", "count mismatch"]
 
 
+def test_inspect_checks_digests_unless_told_not_to(tmp_path: Path) -> None:
+    make_folder(tmp_path / "faces")
+    convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, show_progress=False)
+    shard = tmp_path / "out" / "shard-000002.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[612] ^= 0xFF  # the tar still reads whole, with every sample: only the digest tells
+    shard.write_bytes(bytes(damaged))
+
+    report = inspect_dataset(tmp_path / "out", show_progress=False)
+    assert not report["ok"] and report["digests_verified"]
+    assert [entry["status"] for entry in report["shards"]] == ["ok", "ok", "digest mismatch", "ok"]
+    assert report["shards"][2]["problem"].startswith("sha256 ")
+    quick = inspect_dataset(tmp_path / "out", verify_digests=False)
+    assert quick["ok"] and not quick["digests_verified"]
+
+
+def test_inspect_flags_shards_emptied_behind_the_manifest(tmp_path: Path) -> None:
+    make_folder(tmp_path / "faces")
+    convert_to_shards(tmp_path / "faces", tmp_path / "out", shard_size=3, show_progress=False)
+    for shard in (tmp_path / "out").glob("shard-*.tar"):
+        with tarfile.open(shard, "w"):
+            pass  # a valid tar without members
+    report = inspect_dataset(tmp_path / "out", verify_digests=False)
+    assert not report["ok"]
+    assert {entry["status"] for entry in report["shards"]} == {"count mismatch"}
+    assert report["shards"][0]["problem"] == f"0 samples, manifest says {report['shards'][0]['expected']}"
+
+
 def test_inspect_other_sources(tmp_path: Path) -> None:
     make_folder(tmp_path / "faces")
     assert inspect_dataset(tmp_path / "faces") == {
@@ -171,8 +221,11 @@ def test_inspect_other_sources(tmp_path: Path) -> None:
     assert (report["layout"], report["num_images"], report["num_classes"], report["image_size"]) == (
         "header", 2, 2, [112, 112]
     )
-    write_bin(tmp_path / "lfw.bin", [b"a", b"b", b"c", b"d"], [True, False])
+    write_bin(tmp_path / "lfw.bin", [encode(seed) for seed in range(4)], [True, False])
     assert inspect_dataset(tmp_path / "lfw.bin")["num_positive"] == 1
+    write_bin(tmp_path / "bad.bin", [encode(0), encode(1), encode(2)[:50], encode(3)], [True, False])
+    with pytest.raises(DataError, match="bad.bin: image 2 of 4 does not decode"):
+        inspect_dataset(tmp_path / "bad.bin")
 
 
 def test_worker_processes_write_identical_shards(tmp_path: Path) -> None:

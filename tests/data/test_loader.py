@@ -1,4 +1,5 @@
-"""Streaming loader over real tar shards: rank split, determinism, resume, skips, errors, decoding, http/pipe."""
+"""Streaming loader over real tar shards: rank split, determinism, resume, skips, errors, decoding, http/pipe;
+the tar reader against webdataset's; batches bit-identical to decoding each image on its own."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import functools
 import http.server
 import io
 import json
+import logging
 import shutil
+import tarfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +19,12 @@ import pytest
 import torch
 import webdataset
 from PIL import Image
+from webdataset import tariterators
 
+from facekd.data import loader as loader_module
 from facekd.data.convert import convert_to_shards
-from facekd.data.loader import Batch, ShardReadError, build_train_loader, decode_image
+from facekd.data.loader import Batch, ShardReadError, ShardStream, build_train_loader, decode_image
+from facekd.errors import DataError
 
 NUM_SAMPLES = 48
 IMAGE = 8
@@ -153,15 +159,15 @@ def test_missing_shard_and_bad_manifest_errors(shards: Path, tmp_path: Path) -> 
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     (copy / "shard-000003.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="shard .*shard-000003.tar listed in .*manifest.json does not exist"):
+    with pytest.raises(DataError, match="shard .*shard-000003.tar listed in .*manifest.json does not exist"):
         build_train_loader(copy, batch_size=2)
-    with pytest.raises(FileNotFoundError, match="shard manifest .*nowhere does not exist"):
+    with pytest.raises(DataError, match="shard manifest .*nowhere does not exist"):
         build_train_loader(tmp_path / "nowhere", batch_size=2)
     (copy / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
         build_train_loader(copy, batch_size=2)
     (copy / "manifest.json").write_text(json.dumps({"format_version": 7}))
-    with pytest.raises(ValueError, match="format_version 7, expected 1"):
+    with pytest.raises(DataError, match="format_version 7, expected 1"):
         build_train_loader(copy, batch_size=2)
 
 
@@ -227,3 +233,199 @@ def test_shards_over_http_and_pipe(shards: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------- damaged and inconsistent shards
+
+
+def write_empty_shards(directory: Path, count: int, claimed: int) -> None:
+    """``count`` valid tars without a member, under a manifest that says each holds ``claimed`` samples."""
+    for index in range(count):
+        with tarfile.open(directory / f"shard-{index:06d}.tar", "w"):
+            pass
+    write_manifest(directory, [claimed] * count, num_classes=4)
+
+
+@pytest.mark.timeout(60)  # the stream used to read the empty shards forever: a hang fails here
+@pytest.mark.parametrize("resampled", [True, False])
+def test_shards_yielding_nothing_raise_instead_of_hanging(tmp_path: Path, resampled: bool) -> None:
+    write_empty_shards(tmp_path, 3, claimed=16)
+    loader = build_train_loader(tmp_path, batch_size=4, image_size=IMAGE, num_workers=0, shuffle_buffer=8,
+                                resampled=resampled)
+    with pytest.raises(DataError, match=r"shard reads in a row yielded no sample although the manifest lists "
+                                        r"48 in them: .*shard-00000\d.tar") as barren:
+        take(loader, 1)
+    assert "\n" not in str(barren.value)
+
+
+@pytest.mark.timeout(60)
+def test_resampled_stream_of_unlabeled_empty_shards_raises_in_a_worker(tmp_path: Path) -> None:
+    write_empty_shards(tmp_path, 2, claimed=16)
+    loader = build_train_loader(tmp_path, batch_size=4, image_size=IMAGE, num_workers=1, use_labels=False)
+    with pytest.raises(DataError, match="yielded no sample") as barren:
+        take(loader, 1)
+    assert "\n" not in str(barren.value)  # not DataLoader's "Caught DataError in DataLoader worker …" traceback
+
+
+def test_sample_count_differing_from_the_manifest_is_logged_once_per_shard(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["shards"][2]["size"], manifest["shards"][5]["size"]
+    with tarfile.open(copy / "shard-000002.tar", "w"):
+        pass  # emptied: 0 samples where the manifest says 6
+    with webdataset.TarWriter(str(copy / "shard-000005.tar")) as writer:
+        writer.write({"__key__": "extra", "jpg": encode(99), "cls": b"1"})  # 1 sample where it says 6
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    loader = build_train_loader(copy, batch_size=6, image_size=IMAGE, num_workers=0, shuffle_buffer=4)
+    with caplog.at_level(logging.WARNING, logger="facekd.data.loader"):
+        take(loader, 40)  # 240 samples: every shard read many times
+    counts = sorted(record.getMessage() for record in caplog.records if "the manifest says" in record.getMessage())
+    assert len(counts) == 2
+    assert counts[0].endswith("shard-000002.tar yielded 0 samples, the manifest says 6")
+    assert counts[1].endswith("shard-000005.tar yielded 1 samples, the manifest says 6")
+
+
+@pytest.mark.parametrize("cls", [b"1_0", b" 7", b"7\n", b"+3", b"-1", b"", b"0x1", "٣".encode(), b"1e1"])
+def test_class_ids_must_be_plain_decimals(tmp_path: Path, cls: bytes) -> None:
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        writer.write({"__key__": "000000000", "jpg": encode(0), "cls": cls})
+        writer.write({"__key__": "000000001", "jpg": encode(1), "cls": b"007"})  # leading zeros are digits
+    write_manifest(tmp_path, [2], num_classes=20)
+    loader = build_train_loader(tmp_path, batch_size=2, image_size=IMAGE, num_workers=0, shuffle_buffer=0,
+                                resampled=False)
+    with pytest.raises(DataError, match=r"sample 000000000 of shard .*shard-000000.tar: \.cls should be a decimal "
+                                        r"class id, got "):
+        take(loader, 1)
+
+
+def test_class_id_outside_the_manifest_names_sample_and_shard(tmp_path: Path) -> None:
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        writer.write({"__key__": "000000007", "jpg": encode(0), "cls": b"20"})
+    write_manifest(tmp_path, [1], num_classes=20)
+    loader = build_train_loader(tmp_path, batch_size=1, image_size=IMAGE, num_workers=0, resampled=False)
+    with pytest.raises(DataError, match=r"sample 000000007 of shard .*shard-000000.tar: class 20 outside \[0, 20\)"):
+        take(loader, 1)
+
+
+@pytest.mark.parametrize(("cut", "num_workers"), [("inside a member", 0), ("between members", 0),
+                                                 ("inside a header", 0), ("inside a member", 1)])
+def test_truncated_shard_is_a_one_line_error_naming_it(tmp_path: Path, num_workers: int, cut: str) -> None:
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        for index in range(4):
+            writer.write({"__key__": f"{index:09d}", "jpg": encode(index), "cls": b"0"})
+    whole = (tmp_path / "shard-000000.tar").read_bytes()
+    member_ends = [member.offset_data + member.size + -member.size % 512
+                   for member in tarfile.open(tmp_path / "shard-000000.tar")]
+    length = {"inside a member": member_ends[4] - 100, "between members": member_ends[5],
+              "inside a header": member_ends[5] + 200}[cut]
+    (tmp_path / "shard-000000.tar").write_bytes(whole[:length])
+    write_manifest(tmp_path, [4], num_classes=1)
+    loader = build_train_loader(tmp_path, batch_size=4, image_size=IMAGE, num_workers=num_workers, resampled=False)
+    with pytest.raises(ShardReadError, match=r"cannot read shard .*shard-000000.tar: it ends at byte") as truncated:
+        take(loader, 1)
+    assert isinstance(truncated.value, DataError)
+    assert "\n" not in str(truncated.value)
+
+
+def test_damaged_tar_header_is_an_error(tmp_path: Path) -> None:
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        writer.write({"__key__": "000000000", "jpg": encode(0), "cls": b"0"})
+    data = bytearray((tmp_path / "shard-000000.tar").read_bytes())
+    data[600] ^= 0xFF
+    first_size = tarfile.open(tmp_path / "shard-000000.tar").getmembers()[0].size
+    second_header = 512 + first_size + -first_size % 512
+    data[second_header + 10] ^= 0x01  # inside the second member's name: its checksum no longer matches
+    (tmp_path / "shard-000000.tar").write_bytes(bytes(data))
+    with pytest.raises(ShardReadError, match=rf"shard-000000.tar: damaged tar header at byte {second_header}"):
+        list(loader_module._read_shard(str(tmp_path / "shard-000000.tar")))
+
+
+# ---------------------------------------------------------------- the tar reader against webdataset's
+
+
+def write_tar(path: Path, tar_format: int, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        directory = tarfile.TarInfo("some/dir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1.5  # a float mtime makes PAX_FORMAT write a pax header per member
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_tar_reader_yields_what_webdataset_yields(tmp_path: Path, tar_format: int) -> None:
+    long_dir = "d" * 90 + "/" + "e" * 60  # needs the ustar prefix field, a GNU long name or a pax path
+    members = [
+        ("000000000.jpg", encode(0)), ("000000000.cls", b"3"),
+        ("__meta__", b"skipped by webdataset"),
+        ("000000001.JPG", encode(1)), ("000000001.cls", b"1"), ("000000001.seg.png", encode(2, image_format="PNG")),
+        (f"{long_dir}/000000002.jpg", b"x" * 512), (f"{long_dir}/000000002.cls", b""),
+        ("noextension", b"ignored"),
+        ("000000003.cls", b"0"),
+    ]
+    if tar_format != tarfile.USTAR_FORMAT:
+        members.append(("f" * 120 + ".jpg", b"long file name"))
+    path = tmp_path / "shard.tar"
+    write_tar(path, tar_format, members)
+    ours = list(loader_module._read_shard(str(path)))
+    theirs = list(tariterators.tarfile_samples([{"url": str(path)}]))
+    assert ours == theirs and len(ours) == len({member[0].split(".")[0] for member in members}) - 2
+
+
+# ---------------------------------------------------------------- bit-identical batches
+
+
+def reference_image(data: bytes, height: int, width: int, flip: bool) -> torch.Tensor:
+    """What the loader must produce for one image, computed the plain way: float64 arithmetic, per image."""
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = (np.asarray(rgb, dtype=np.float64) - 127.5) / 128.0
+    planes = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32))
+    return planes.flip(-1) if flip else planes
+
+
+@pytest.mark.parametrize("image_size", [IMAGE, (7, 13), 16], ids=["stored-size", "odd-resize", "upscale"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_batches_equal_a_per_image_reference_bit_for_bit(tmp_path: Path, image_size: object, flip: bool) -> None:
+    gray = io.BytesIO()
+    Image.fromarray(np.arange(IMAGE * IMAGE, dtype=np.uint8).reshape(IMAGE, IMAGE)).save(gray, format="JPEG")
+    rgba = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (IMAGE, 9, 4), dtype=np.uint8)).save(rgba, "PNG")
+    images = [encode(0), gray.getvalue(), encode(2)[:50], rgba.getvalue(), encode(4, (11, 5)), None, encode(6),
+              encode(7, image_format="PNG"), encode(8), encode(9)]
+    with webdataset.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        for index, data in enumerate(images):
+            sample = {"__key__": f"{index:09d}", "cls": str(index).encode()}
+            if data is not None:
+                sample["png" if data.startswith(b"\x89PNG") else "jpg"] = data
+            writer.write(sample)
+    write_manifest(tmp_path, [len(images)], num_classes=len(images))
+    loader = build_train_loader(tmp_path, batch_size=len(images), image_size=image_size, num_workers=0,
+                                shuffle_buffer=0, resampled=False, flip=flip, seed=3)
+    batch = take(loader, 1)[0]
+
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    flip_rng = loader_module._rng(3, loader_module._TAG_FLIP, 0, 0)  # the loader's flip draws for batch 0, rank 0
+    flips = [flip and flip_rng.random() < 0.5 for _ in images]
+    valid = [index for index, data in enumerate(images) if index not in (2, 5)]  # truncated JPEG; no image
+    refill = iter(valid * 2)
+    sources = [index if index in valid else next(refill) for index in range(len(images))]
+    expected = torch.stack([reference_image(images[source], height, width, flips[position])
+                            for position, source in enumerate(sources)])
+    assert (batch.num_corrupt, batch.num_unlabelled) == (2, 0)
+    assert batch.labels.tolist() == sources
+    assert batch.images.dtype == torch.float32 and batch.images.is_contiguous()
+    assert torch.equal(batch.images, expected)
+    assert any(flips) == flip
+    for position, source in enumerate(sources):
+        assert torch.equal(decode_image(images[source], image_size), reference_image(images[source], height,
+                                                                                      width, False))

@@ -22,6 +22,7 @@ from facekd.data.synth import (
     verification_pairs,
 )
 from facekd.data.verification import load_bin
+from facekd.errors import DataError
 
 # an odd image size on purpose: nothing may assume 112 or an even size
 SMALL: dict[str, Any] = dict(
@@ -183,7 +184,7 @@ def test_bad_arguments_are_rejected(tmp_path: Path, arguments: dict[str, Any], m
 def test_existing_outputs_need_overwrite(tmp_path: Path) -> None:
     tiny: dict[str, Any] = dict(num_identities=2, images_per_identity=1, num_val_identities=2, num_pairs=2, seed=0)
     synthesize(tmp_path, show_progress=False, **tiny)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(DataError, match="overwrite"):
         synthesize(tmp_path, show_progress=False, **tiny)
     stale = tmp_path / "images" / identity_name(999)
     stale.mkdir()
