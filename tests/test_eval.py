@@ -301,26 +301,59 @@ def test_embed_images_refuses_a_non_embedding_output() -> None:
         fkeval.embed_images(torch.nn.Identity(), make_jpegs(2, 8, 7), image_size=8, device="cpu", progress=False)
 
 
+class RedAngleNet(torch.nn.Module):
+    """Embeds an image as the unit vector at angle π·r, r its mean red value as the loader normalises it,
+    (x − 127.5) / 128. Uniform images are left-right symmetric, so the flip trick only doubles each embedding."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        angle = math.pi * images[:, 0].mean(dim=(1, 2))
+        return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+
+
+def uniform_png(red: int, size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (red, 90, 200)).save(buffer, format="PNG")  # lossless: red stays exact
+    return buffer.getvalue()
+
+
 def test_evaluate_bin_reports_accuracy_roc_and_speed(tmp_path: Path) -> None:
+    """20 pairs whose 10-fold accuracy, threshold and AUC are known by construction.
+
+    Pair i's images differ by `step` red levels, an angle of π·step/128 between their embeddings. Same pairs
+    (even i) are 18 levels apart (squared distance 0.192, cos 0.904), different pairs 76 (2.581, cos −0.290);
+    but same pair 4 is 85 apart (2.986, cos −0.493) and different pair 13 only 13 (0.101, cos 0.950). Every
+    training split (18 pairs) is best cut just above 0.192: the grid threshold 0.20. The test folds {4, 5} and
+    {12, 13} then score 1/2 each, the other eight 1: accuracy 0.9, std 0.2. Of the 10 × 10 (same, different)
+    cosine orderings, the 9 × 9 of the well-placed pairs are right and the 19 involving a misplaced pair wrong:
+    AUC 0.81.
+    """
     pytest.importorskip("facekd.data.loader", reason="facekd.data.loader.decode_image not written yet")
     from facekd.data.verification import write_bin
 
     size, pairs = 16, 20
-    images = make_jpegs(2 * pairs, size, seed=8)
-    issame = [bool(i % 2) for i in range(pairs)]
+    issame = [i % 2 == 0 for i in range(pairs)]
+    steps = [18 if same else 76 for same in issame]
+    steps[4], steps[13] = 85, 13
+    images = []
+    for pair, step in enumerate(steps):
+        base = 20 + 3 * pair
+        images += [uniform_png(base, size), uniform_png(base + step, size)]
     bin_path = tmp_path / "tiny_lfw.bin"
     write_bin(bin_path, images, issame)
-    torch.manual_seed(1)
-    model = AsymmetricNet(size)
 
-    result = fkeval.evaluate_bin(model, bin_path, image_size=size, batch_size=8, device="cpu", progress=False)
-    embeddings = fkeval.embed_images(model, images, image_size=size, device="cpu", progress=False)
-    reference = fkeval.verification_accuracy(embeddings, issame)
-    assert result["accuracy"] == pytest.approx(reference["accuracy"])
-    assert result["threshold"] == pytest.approx(reference["threshold"])
-    assert (result["model"], result["dataset"], result["num_pairs"]) == ("AsymmetricNet", "tiny_lfw", pairs)
-    assert result["images_per_second"] > 0 and 0.0 <= result["auc"] <= 1.0
-    assert result["fpr"].shape == result["tpr"].shape
+    result = fkeval.evaluate_bin(RedAngleNet(), bin_path, image_size=size, batch_size=8, device="cpu",
+                                 progress=False)
+    expected_folds = [1.0] * 10
+    expected_folds[2] = expected_folds[6] = 0.5
+    np.testing.assert_allclose(result["fold_accuracy"], expected_folds)
+    assert result["accuracy"] == pytest.approx(0.9) and result["std"] == pytest.approx(0.2)
+    np.testing.assert_allclose(result["fold_threshold"], 0.2)
+    assert result["threshold"] == pytest.approx(0.2)
+    assert result["auc"] == pytest.approx(0.81)
+    assert (result["model"], result["dataset"], result["num_pairs"]) == ("RedAngleNet", "tiny_lfw", pairs)
+    assert result["images_per_second"] > 0
+    assert result["fpr"].shape == result["tpr"].shape and result["fpr"][-1] == result["tpr"][-1] == 1.0
+    # 10 different pairs cannot measure a false accept rate of 1e-3
     assert set(result["tar_at_far"]) == {1e-3, 1e-4} and all(map(math.isnan, result["tar_at_far"].values()))
 
 
