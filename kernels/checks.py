@@ -60,6 +60,13 @@ class Tolerance:
         scale = expected.abs().max().item() if expected.numel() else 0.0
         return self.atol + self.atol_of_max * scale + self.rtol * expected.abs()
 
+    def assert_close(self, got: torch.Tensor, expected: torch.Tensor, *, name: str = "") -> None:
+        """``torch.testing.assert_close`` under this tolerance (what the kernels' unit tests call): the
+        bound of :meth:`allowed`, with assert_close's checks of shape, dtype and non-finite entries."""
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(got, expected, rtol=self.rtol, atol=self.atol + self.atol_of_max * scale,
+                                   msg=(lambda message: f"{name}: {message}") if name else None)
+
 
 @dataclass(frozen=True)
 class KernelCase:

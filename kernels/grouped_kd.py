@@ -1672,7 +1672,7 @@ def reference_grouped_kd_loss(
 
 from facekd.kernels import checks as _checks  # noqa: E402  (after the functions the cases call)
 
-# Loss and the student's gradients against float64 (atol, rtol of tests/kernels/test_grouped_kd.py).
+# Loss and the student's gradients against float64; tests/kernels/test_grouped_kd.py reads this table too.
 TOLERANCES = {
     torch.float32: _checks.Tolerance(rtol=1e-4, atol=2e-5),
     torch.float16: _checks.Tolerance(rtol=5e-3, atol=5e-3),

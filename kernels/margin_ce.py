@@ -1028,7 +1028,8 @@ def margin_ce_shard_loss(
 
 from facekd.kernels import checks as _checks  # noqa: E402  (after the functions the cases call)
 
-# Loss and gradients against float64, each relative to its largest entry (see the module docstring).
+# Loss and gradients against float64, each relative to its largest entry (see the module docstring);
+# tests/kernels/test_margin_ce.py reads this table too.
 TOLERANCES = {
     torch.float32: _checks.Tolerance(rtol=1e-4, atol_of_max=1e-4),
     torch.float16: _checks.Tolerance(rtol=5e-3, atol_of_max=5e-3),

@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import facekd.kernels.margin_ce as margin_ce  # noqa: E402
 from facekd.kernels.margin_ce import (  # noqa: E402
+    TOLERANCES,
     combine_shard_stats,
     cosine_logits,
     margin_ce_shard_loss,
@@ -34,8 +35,8 @@ MARGINS = {
     "combined": dict(s=48.0, m1=1.2, m2=0.3, m3=0.2),
     "plain-small-s": dict(s=4.0, m1=1.0, m2=0.0, m3=0.0),
 }
-# dtype → relative tolerance of the loss and of each gradient (measured against its largest entry)
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# TOLERANCES (the module's, which the GPU suite reads too): dtype → relative tolerance of the loss and
+# of each gradient, plus the same fraction of that output's largest entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +101,9 @@ def run_oracle(x, w, labels, grad_rows, **kwargs):
     return rows.detach(), x.grad, w.grad
 
 
-def assert_matches(got, expected, tol):
+def assert_matches(got, expected, tolerance):
     for name, a, b in zip(("loss", "grad embeddings", "grad weight"), got, expected):
-        scale = b.abs().max().item() + 1e-12
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+        tolerance.assert_close(a, b, name=name)
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -161,7 +161,8 @@ def test_reductions(backend, reduction):
     expected = rows.mean() if reduction == "mean" else rows.sum()
     expected.backward()
     assert loss.shape == ()
-    assert_matches((loss.double(), xs.grad.double(), ws.grad.double()), (expected.detach(), xo.grad, wo.grad), 1e-4)
+    assert_matches((loss.double(), xs.grad.double(), ws.grad.double()), (expected.detach(), xo.grad, wo.grad),
+                   TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
@@ -205,7 +206,7 @@ def test_frozen_weight_gets_no_gradient(backend):
     margin_softmax_ce(xs, w, labels, reduction="none", **ARCFACE).backward(grad_rows.float())
     expected = run_oracle(x, w, labels, grad_rows, **ARCFACE)
     assert w.grad is None
-    torch.testing.assert_close(xs.grad.double(), expected[1], rtol=1e-4, atol=1e-4 * expected[1].abs().max().item())
+    TOLERANCES[torch.float32].assert_close(xs.grad.double(), expected[1])
 
 
 def test_reference_chunks_over_classes(monkeypatch):
@@ -217,7 +218,7 @@ def test_reference_chunks_over_classes(monkeypatch):
     labels = labels % 23
     got = run(x, w, labels, grad_rows, class_index=class_index, **ARCFACE)
     expected = run_oracle(x, w, labels, grad_rows, class_index=class_index, **ARCFACE)
-    assert_matches(got, expected, 1e-4)
+    assert_matches(got, expected, TOLERANCES[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------
