@@ -9,6 +9,7 @@ machine):
 * ``loader`` — :class:`~facekd.data.loader.ShardStream` with ``num_workers=0``, as the trainer reads it: tar
   reading, shuffle buffer, labels, decode, flips, float conversion, batches of ``BATCH_SIZE``; timed once the
   shuffle buffer has filled;
+* ``loader_uint8`` — the same with ``uint8_pixels=True``: batches of uint8 pixels, made float on the device;
 * the breakdown — each stage of the loader timed alone on the same samples, in seconds per image; ``other`` is
   what the loader spends beyond their sum (per-sample bookkeeping, flip draws, label tensors).
 
@@ -98,14 +99,14 @@ class _Harness:
         self.stream = self._stream()
         self.decoded = [loader._open_rgb(data) for data in self.jpegs]
 
-    def _stream(self) -> loader.ShardStream:
+    def _stream(self, uint8_pixels: bool = False) -> loader.ShardStream:
         return loader.ShardStream(
             self.urls, self.sizes, num_classes=self.num_classes, batch_size=self.batch_size,
             batches_per_epoch=10**9, image_size=self.image_size, num_workers=0,
-            shuffle_buffer=self.shuffle_buffer, seed=0, resampled=True, flip=True,
+            shuffle_buffer=self.shuffle_buffer, seed=0, resampled=True, flip=True, uint8_pixels=uint8_pixels,
         )
 
-    # the two paths, in seconds per image
+    # the paths, in seconds per image
 
     def decode_only(self) -> float:
         def decode_all() -> None:
@@ -115,8 +116,8 @@ class _Harness:
 
         return _seconds(decode_all) / len(self.jpegs)
 
-    def loader(self) -> float:
-        batches = iter(self._stream())
+    def loader(self, uint8_pixels: bool = False) -> float:
+        batches = iter(self._stream(uint8_pixels))
         next(batches)  # fills the shuffle buffer
 
         def take() -> None:
@@ -147,7 +148,7 @@ class _Harness:
         def normalise_all() -> None:
             for start in range(0, count, self.batch_size):
                 chunk = pixels[start : start + self.batch_size]
-                out = loader._empty_images((len(chunk), 3, height, width)).numpy()
+                out = loader._empty_batch((len(chunk), 3, height, width), torch.float32).numpy()
                 for position, image_pixels in enumerate(chunk):
                     # half of the images mirrored, as the loader's random flips do
                     loader._normalise_into(image_pixels, out[position], flip=position % 2 == 1)
@@ -161,10 +162,11 @@ def measure(*, image_size: int = 112, num_images: int = 2048, budget_s: float = 
 
     Makes its synthetic shards in ``workdir`` (reused by a later call with the same sizes), then runs rounds of
     every measurement until ``budget_s`` is spent (at least two rounds, whatever the budget; at most seven).
-    Returns JSON-serialisable figures: ``decode_only_images_per_s``, ``loader_images_per_s``, ``ratio``
-    (decode-only ÷ loader), ``breakdown`` ({stage: seconds per image}, with ``other``), ``cores``
-    (``os.cpu_count()``: the rates are per core, not for the whole machine), ``image_size``, ``num_images``,
-    ``batch_size``, ``shuffle_buffer``, ``rounds``, ``seconds``.
+    Returns JSON-serialisable figures: ``decode_only_images_per_s``, ``loader_images_per_s`` (float32 batches,
+    the trainer's), ``ratio`` (decode-only ÷ loader images/s), ``loader_uint8_images_per_s`` and ``ratio_uint8``
+    (batches of uint8 pixels, ``uint8_pixels=True``), ``breakdown`` ({stage: seconds per image} of the float32
+    loader, with ``other``), ``cores`` (``os.cpu_count()``: every rate is per core, one process, not for the
+    whole machine), ``image_size``, ``num_images``, ``batch_size``, ``shuffle_buffer``, ``rounds``, ``seconds``.
     """
     if image_size < 32:
         raise ConfigError(f"image_size must be >= 32 (the smallest synthetic face), got {image_size}")
@@ -178,7 +180,8 @@ def measure(*, image_size: int = 112, num_images: int = 2048, budget_s: float = 
         best: dict[str, float] = {}
         rounds = 0
         while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and time.perf_counter() - start < 0.6 * budget_s):
-            figures = {"decode_only": harness.decode_only(), "loader": harness.loader(), **harness.stages()}
+            figures = {"decode_only": harness.decode_only(), "loader": harness.loader(),
+                       "loader_uint8": harness.loader(uint8_pixels=True), **harness.stages()}
             best = {name: min(seconds, best.get(name, seconds)) for name, seconds in figures.items()}
             rounds += 1
     finally:
@@ -189,6 +192,8 @@ def measure(*, image_size: int = 112, num_images: int = 2048, budget_s: float = 
         "decode_only_images_per_s": 1.0 / best["decode_only"],
         "loader_images_per_s": 1.0 / best["loader"],
         "ratio": best["loader"] / best["decode_only"],
+        "loader_uint8_images_per_s": 1.0 / best["loader_uint8"],
+        "ratio_uint8": best["loader_uint8"] / best["decode_only"],
         "breakdown": breakdown,
         "cores": os.cpu_count(),
         "image_size": image_size,
@@ -217,7 +222,8 @@ def _rows(figures: dict) -> list[dict]:
     """One row per path and per stage, in µs per image, against the decode-only rate of the same run."""
     decode_us = 1e6 / figures["decode_only_images_per_s"]
     base = {"image_size": figures["image_size"], "num_images": figures["num_images"], "cores": figures["cores"]}
-    timings = {"decode_only": decode_us, "loader": 1e6 / figures["loader_images_per_s"]}
+    timings = {"decode_only": decode_us, "loader": 1e6 / figures["loader_images_per_s"],
+               "loader_uint8": 1e6 / figures["loader_uint8_images_per_s"]}
     timings.update({f"stage:{stage}": 1e6 * seconds for stage, seconds in figures["breakdown"].items()})
     return [{**base, "what": what, "us_per_image": us, "images_per_s": 1e6 / us if us > 0 else None,
              "vs_decode_only": us / decode_us} for what, us in timings.items()]

@@ -24,12 +24,14 @@ How batches are made (per rank; N = max(num_workers, 1) logical workers):
 - images are decoded (PIL), resized to ``image_size`` when stored at another size, flipped horizontally with
   probability 1/2 (flip bits seeded by seed, rank, g) and normalised to (x − 127.5) / 128, float32 CHW.
 
-Where the time goes (``facekd bench data`` measures it): the JPEG decode dominates. Everything else works on
-uint8 pixels until one pass over the whole batch converts it to float — flips are PIL transposes of the decoded
-image, there is no per-image float arithmetic — and shards are read by a small tar parser
-(:func:`_tar_members`) rather than :mod:`tarfile`, whose per-member overhead cost a quarter of the loader's
-time. Both the uint8 steps and the conversion are exact, so batches are bit-identical to decoding each image
-to float on its own (:func:`decode_image`).
+Where the time goes (``facekd bench data`` measures it, per core): the JPEG decode dominates. Each image is
+written to its batch slot as soon as it is decoded, while its pixels are in cache: one numpy pass converts the
+uint8 pixels to float while reading them channel-planar (backwards for a flip), two in-place passes in cache
+normalise — exact, so batches are bit-identical to decoding each image to float on its own
+(:func:`decode_image`). Shards are read by a small tar parser (:func:`_tar_members`), five times faster
+than webdataset's reader through :mod:`tarfile`. With ``uint8_pixels=True`` batches stay uint8 and
+:func:`to_float` converts them on the device, which saves the float conversion on the CPU and three quarters of
+the host-to-device traffic.
 
 Damaged data fails loudly with :class:`~facekd.errors.DataError` naming the shard or sample: a tar that ends
 early or holds a damaged header, a bad ``.cls``, or shards that yield no sample at all (the stream would wait
@@ -55,7 +57,7 @@ from webdataset.gopen import gopen
 from facekd.data.convert import read_manifest
 from facekd.errors import ConfigError, DataError, FacekdError
 
-__all__ = ["Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "decode_image"]
+__all__ = ["Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "decode_image", "to_float"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class ShardReadError(DataError):
 class Batch(NamedTuple):
     """One training batch.
 
-    images: float32 [B, 3, H, W], normalised to (x − 127.5) / 128, RGB.
+    images: float32 [B, 3, H, W], normalised to (x − 127.5) / 128, RGB; read with ``uint8_pixels``: uint8
+        [B, H, W, 3] RGB pixels, which :func:`to_float` normalises on the device.
     labels: int64 [B], class ids in [0, num_classes); −1 everywhere for a stream read without labels.
     num_corrupt: samples of this batch whose image was missing or did not decode (slots refilled).
     num_unlabelled: samples of this batch without a ``.cls`` entry (slots refilled).
@@ -273,20 +276,21 @@ def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
 
 # (x − 127.5) / 128 = x · 2**-7 − 255 / 256: both steps exact in float32 for x in 0..255
 _SCALE, _OFFSET = np.float32(1 / 128), np.float32(127.5 / 128)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.uint8: np.uint8}
 
 
-def _empty_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """An uninitialised float32 tensor for a batch of images.
+def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch of images.
 
     In a DataLoader worker it lies in shared memory, so that the batch reaches the main process without the copy
     that sending a private tensor costs (torch's default_collate does the same). Elsewhere numpy allocates it:
     for large arrays numpy asks the kernel for huge pages, so a batch whose memory is fresh (not a freed batch's,
-    reused by malloc) faults in 2 MB pages instead of 4 KB ones, 3x faster measured at 128 × 3 × 112².
+    reused by malloc) faults in 2 MB pages instead of 4 KB ones, several times faster at 128 × 3 × 112² floats.
     """
     if get_worker_info() is None:
-        return torch.from_numpy(np.empty(shape, np.float32))
-    storage = torch.UntypedStorage._new_shared(4 * int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        return torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[dtype]))
+    storage = torch.UntypedStorage._new_shared(dtype.itemsize * int(np.prod(shape)))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -310,6 +314,25 @@ def _normalise_into(pixels: np.ndarray, out: np.ndarray, flip: bool = False) -> 
     out[...] = pixels[:, columns, :3].transpose(2, 0, 1)
     out *= _SCALE
     out -= _OFFSET
+
+
+def _rgb_into(image: Image.Image, out: np.ndarray, flip: bool = False) -> None:
+    """out uint8 [H, W, 3] = the RGB pixels of ``image``, mirrored left-right if ``flip`` (a PIL transpose)."""
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out[...] = np.frombuffer(image.tobytes(), np.uint8).reshape(out.shape)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 3, H, W] = (x − 127.5) / 128 of uint8 RGB pixels [B, H, W, 3], on their device.
+
+    For batches read with ``uint8_pixels=True``: after the host-to-device copy, this gives bit for bit the images
+    the loader would have made (both steps are exact in float32 on any device).
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 pixels [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    images = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return images.mul_(1 / 128).sub_(127.5 / 128)
 
 
 def decode_image(data: bytes, image_size: int | Sequence[int] = 112) -> torch.Tensor:
@@ -371,6 +394,7 @@ class ShardStream(IterableDataset):
         resampled: bool = True,
         flip: bool = True,
         use_labels: bool = True,
+        uint8_pixels: bool = False,
     ) -> None:
         super().__init__()
         if len(shard_urls) != len(shard_sizes) or not shard_urls:
@@ -417,6 +441,7 @@ class ShardStream(IterableDataset):
         self.resampled = resampled
         self.flip = flip
         self.use_labels = use_labels
+        self.uint8_pixels = uint8_pixels
         self.max_barren_draws = max(nonempty, _MIN_BARREN_DRAWS)
         self._miscounted: set[int] = set()  # shards whose sample count was already reported
 
@@ -490,8 +515,12 @@ class ShardStream(IterableDataset):
         else:
             flips = [False] * len(samples)
         # each image goes to its slot as soon as it is decoded, while its pixels are still in cache
-        images = _empty_images((len(samples), 3, *self.image_size))
+        if self.uint8_pixels:
+            images = _empty_batch((len(samples), *self.image_size, 3), torch.uint8)
+        else:
+            images = _empty_batch((len(samples), 3, *self.image_size), torch.float32)
         out = images.numpy()
+        width_axis = 1 if self.uint8_pixels else 2
         labels: list[int] = []
         valid: list[int] = []
         num_corrupt = num_unlabelled = 0
@@ -505,7 +534,10 @@ class ShardStream(IterableDataset):
             if image is None:
                 num_corrupt += 1
                 continue
-            _normalise_into(_pixels(image), out[position], flips[position])
+            if self.uint8_pixels:
+                _rgb_into(image, out[position], flips[position])
+            else:
+                _normalise_into(_pixels(image), out[position], flips[position])
             valid.append(position)
         if not valid:
             keys = [sample.get("__key__") for sample in samples[:3]]
@@ -519,7 +551,7 @@ class ShardStream(IterableDataset):
             refill = itertools.cycle(valid)
             for position in sorted(set(order) - set(valid)):
                 source = order[position] = next(refill)
-                out[position] = out[source][:, :, ::-1] if flips[position] != flips[source] else out[source]
+                out[position] = np.flip(out[source], width_axis) if flips[position] != flips[source] else out[source]
         label_tensor = torch.tensor([labels[position] for position in order], dtype=torch.int64)
         return Batch(images, label_tensor, num_corrupt, num_unlabelled, index)
 
@@ -643,6 +675,7 @@ def build_train_loader(
     flip: bool = True,
     pin_memory: bool = False,
     use_labels: bool = True,
+    uint8_pixels: bool = False,
 ) -> ShardLoader:
     """Builds the training batch stream of one rank from a shard manifest written by ``convert_to_shards``.
 
@@ -663,6 +696,9 @@ def build_train_loader(
         pin_memory: pin batches (for host-to-GPU copies).
         use_labels: False reads images only (labels −1): an unlabeled stream, e.g. SRRL's extension to
             unlabeled data. Its samples need no ``.cls``.
+        uint8_pixels: batches hold uint8 RGB pixels [B, H, W, 3] (flipped, resized) instead of float images;
+            :func:`to_float` on the device then gives exactly the float images. A quarter of the host memory and
+            host-to-device traffic, and no float conversion on the CPU (see ``facekd bench data``).
 
     Raises DataError for a missing or invalid manifest and for missing or resized local shards, ConfigError for
     options the data cannot serve.
@@ -703,5 +739,6 @@ def build_train_loader(
         resampled=resampled,
         flip=flip,
         use_labels=use_labels,
+        uint8_pixels=uint8_pixels,
     )
     return ShardLoader(stream, num_samples, pin_memory=pin_memory)

@@ -23,7 +23,7 @@ from webdataset import tariterators
 
 from facekd.data import loader as loader_module
 from facekd.data.convert import convert_to_shards
-from facekd.data.loader import Batch, ShardReadError, ShardStream, build_train_loader, decode_image
+from facekd.data.loader import Batch, ShardReadError, build_train_loader, decode_image, to_float
 from facekd.errors import DataError
 
 NUM_SAMPLES = 48
@@ -105,9 +105,11 @@ def test_resume_yields_the_tail_of_an_uninterrupted_stream(shards: Path, num_wor
         assert_same_batches(take(resumed, 11 - start), uninterrupted[start:])
 
 
-def test_zero_and_one_worker_give_the_same_stream(shards: Path) -> None:
-    in_process = build_train_loader(shards, batch_size=4, image_size=IMAGE, num_workers=0, shuffle_buffer=6)
-    one_worker = build_train_loader(shards, batch_size=4, image_size=IMAGE, num_workers=1, shuffle_buffer=6)
+@pytest.mark.parametrize("uint8_pixels", [False, True])
+def test_zero_and_one_worker_give_the_same_stream(shards: Path, uint8_pixels: bool) -> None:
+    options = dict(batch_size=4, image_size=IMAGE, shuffle_buffer=6, uint8_pixels=uint8_pixels)
+    in_process = build_train_loader(shards, num_workers=0, **options)
+    one_worker = build_train_loader(shards, num_workers=1, **options)
     assert_same_batches(take(in_process, 5), take(one_worker, 5))
 
 
@@ -429,3 +431,15 @@ def test_batches_equal_a_per_image_reference_bit_for_bit(tmp_path: Path, image_s
     for position, source in enumerate(sources):
         assert torch.equal(decode_image(images[source], image_size), reference_image(images[source], height,
                                                                                       width, False))
+    # the same batch as uint8 pixels, made float on the "device"
+    pixels = take(build_train_loader(tmp_path, batch_size=len(images), image_size=image_size, num_workers=0,
+                                     shuffle_buffer=0, resampled=False, flip=flip, seed=3, uint8_pixels=True), 1)[0]
+    assert pixels.images.dtype == torch.uint8 and pixels.images.shape == (len(images), height, width, 3)
+    assert torch.equal(pixels.labels, batch.labels)
+    as_float = to_float(pixels.images)
+    assert as_float.is_contiguous() and torch.equal(as_float, expected)
+
+
+def test_to_float_refuses_what_is_not_a_pixel_batch() -> None:
+    with pytest.raises(ValueError, match=r"expected uint8 pixels \[B, H, W, 3\], got torch.float32 \(2, 3, 4, 4\)"):
+        to_float(torch.zeros(2, 3, 4, 4))
