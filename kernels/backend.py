@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -57,3 +59,24 @@ def check_nonempty(what: str, **tensors: torch.Tensor) -> None:
     if any(0 in tensor.shape for tensor in tensors.values()):
         shapes = " and ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
         raise ValueError(f"need at least {what}, got {shapes}")
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the plain-torch references compute in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Switch off any enclosing autocast on ``device``'s type for the block.
+
+    The plain-torch references upcast to :func:`reference_dtype`; inside a bf16/fp16 autocast (the
+    trainer's) their matrix products would still run in bf16/fp16, and at s = 64 bf16 logits above 32
+    are rounded to steps of 0.25. The Triton kernels accumulate in fp32 whatever encloses them; this
+    gives the references the same. Device types without autocast (meta) need nothing.
+    """
+    if not torch.amp.is_autocast_available(device.type):
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield

@@ -56,7 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from facekd.kernels.backend import ENV_VAR, check_nonempty, triton_interpreted, use_triton
+from facekd.kernels.backend import (ENV_VAR, check_nonempty, full_precision, reference_dtype, triton_interpreted,
+                                    use_triton)
 from facekd.kernels.margin_ce import cosine_logits
 
 SELECTIONS = ("sample", "batch", "fixed")
@@ -1423,7 +1424,9 @@ def grouped_kd_loss_from_embeddings(
     ``class_offset``, ``num_classes`` and ``all_reduce`` shard the classes across ranks as in
     :func:`grouped_kd_loss_sharded` (the centres are this rank's [C_r, D] shard; the embedding
     gradient is this rank's part, to be summed over ranks like any model-parallel classifier's).
-    The plain-torch path (CPU without the interpreter) materialises the logits.
+    The plain-torch path (CPU without the interpreter) materialises the logits, in fp32 (float64
+    for float64 inputs) like the kernels, also inside an enclosing autocast; its backward is torch
+    autograd's, so call backward outside the autocast block, as PyTorch advises.
     """
     tensors = {"student_embeddings": student_embeddings, "student_centres": student_centres,
                "teacher_embeddings": teacher_embeddings, "teacher_centres": teacher_centres}
@@ -1491,23 +1494,22 @@ def grouped_kd_loss_from_embeddings(
             "grouped_kd_loss_from_embeddings across ranks needs the Triton path: CUDA tensors, "
             f"or {ENV_VAR}=triton with TRITON_INTERPRET=1"
         )
-    return reference_grouped_kd_loss(
-        cosine_logits(student_embeddings, student_centres, s=s),
-        cosine_logits(teacher_embeddings, teacher_centres, s=s),
-        tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
-        w_secondary=w_secondary, reduction=reduction, selection=selection, k=k,
-        force_target=force_target, labels=labels,
-    )
+    # s·cos θ in fp32 (float64 stays float64) like the kernels, also under an enclosing autocast
+    compute_dtype = reference_dtype(dtype)
+    with full_precision(student_embeddings.device):
+        rows = reference_grouped_kd_loss(
+            cosine_logits(student_embeddings.to(compute_dtype), student_centres.to(compute_dtype), s=s),
+            cosine_logits(teacher_embeddings.to(compute_dtype), teacher_centres.to(compute_dtype), s=s),
+            tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
+            w_secondary=w_secondary, reduction="none", selection=selection, k=k,
+            force_target=force_target, labels=labels,
+        )
+        return _reduce(rows.to(dtype), reduction)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch reference: the test oracle and the CPU path
 # ---------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _batch_k(student_logits: torch.Tensor, tau: float) -> int:
@@ -1532,7 +1534,7 @@ def reference_primary_mask(
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The primary group Φ as a bool mask [B, C], by a full sort of the student's logits."""
-    z = student_logits.detach().to(_compute_dtype(student_logits.dtype))
+    z = student_logits.detach().to(reference_dtype(student_logits.dtype))
     batch_size, num_classes = z.shape
     ranking_key = z.clone()
     if force_target:
@@ -1612,7 +1614,7 @@ def grouped_kd_terms(
         temperature=temperature, selection=selection, k=k, force_target=force_target,
         labels=labels,
     )
-    dtype = _compute_dtype(student_logits.dtype)
+    dtype = reference_dtype(student_logits.dtype)
     mask = reference_primary_mask(
         student_logits, tau=tau, temperature=temperature, selection=selection, k=k,
         force_target=force_target, labels=labels,

@@ -36,7 +36,8 @@ distributed layer does with all-reduces), and :func:`margin_ce_shard_loss` finis
 the combined statistics and gives this shard's gradients. No logits ever leave a shard.
 
 Numerics: accumulation and the returned loss are float32 (float64 for float64 inputs on the torch
-path); the log-sum-exp keeps a running row maximum, so small ``s`` loses nothing to underflow.
+path), whatever autocast encloses the call; the log-sum-exp keeps a running row maximum, so small
+``s`` loses nothing to underflow.
 The gradient GEMMs take ∂L/∂cos rounded to the input dtype, as flash-attention backwards do.
 Against float64 (tests/kernels/test_margin_ce.py), loss and gradients agree to a relative 1e-4
 for fp32 inputs, 5e-3 for fp16 and 3e-2 for bf16 (gradients relative to their largest entry).
@@ -53,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from facekd.kernels.backend import ENV_VAR, check_nonempty, use_triton
+from facekd.kernels.backend import ENV_VAR, check_nonempty, full_precision, reference_dtype, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -654,10 +655,6 @@ def reference_margin_target(cos: torch.Tensor, margin: _Margin) -> tuple[torch.T
     return margin.s * (psi - margin.m3), slope
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _inv_norm(rows: torch.Tensor) -> torch.Tensor:
     return 1.0 / rows.norm(dim=1).clamp_min(NORM_EPS)
 
@@ -685,63 +682,66 @@ def _chunk_logits(
 
 def _reference_forward(embeddings, weight, labels, class_index, margin):
     """(target_logit, slope, row_max, sum_exp, None) like the kernels; holds one chunk at a time."""
-    dtype = _compute_dtype(embeddings.dtype)
-    x_norm = embeddings.to(dtype) * _inv_norm(embeddings.to(dtype))[:, None]
-    n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
-    owned = labels >= 0
-    target_rows = labels.clamp_min(0)
-    if class_index is not None:
-        target_rows = class_index[target_rows]
-    w_target = weight[target_rows].to(dtype)
-    target_cos = (x_norm * w_target).sum(1) * _inv_norm(w_target)
-    target_logit, slope = reference_margin_target(target_cos, margin)
-    target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-    slope = torch.where(owned, slope, torch.zeros_like(slope))
+    with full_precision(embeddings.device):  # fp32 logits under an enclosing autocast too
+        dtype = reference_dtype(embeddings.dtype)
+        x_norm = embeddings.to(dtype) * _inv_norm(embeddings.to(dtype))[:, None]
+        n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
+        owned = labels >= 0
+        target_rows = labels.clamp_min(0)
+        if class_index is not None:
+            target_rows = class_index[target_rows]
+        w_target = weight[target_rows].to(dtype)
+        target_cos = (x_norm * w_target).sum(1) * _inv_norm(w_target)
+        target_logit, slope = reference_margin_target(target_cos, margin)
+        target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+        slope = torch.where(owned, slope, torch.zeros_like(slope))
 
-    row_max = torch.full_like(target_logit, -math.inf)
-    sum_exp = torch.zeros_like(target_logit)
-    chunk = _reference_chunk(embeddings.shape[0])
-    for start in range(0, n_classes, chunk):
-        end = min(start + chunk, n_classes)
-        w = weight[_class_rows(class_index, start, end)].to(dtype)
-        logits = _chunk_logits(x_norm, w * _inv_norm(w)[:, None], labels, target_logit, start, margin.s)
-        new_max = torch.maximum(row_max, logits.max(1).values)
-        sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
-        row_max = new_max
-    return target_logit, slope, row_max, sum_exp, None
+        row_max = torch.full_like(target_logit, -math.inf)
+        sum_exp = torch.zeros_like(target_logit)
+        chunk = _reference_chunk(embeddings.shape[0])
+        for start in range(0, n_classes, chunk):
+            end = min(start + chunk, n_classes)
+            w = weight[_class_rows(class_index, start, end)].to(dtype)
+            logits = _chunk_logits(x_norm, w * _inv_norm(w)[:, None], labels, target_logit, start, margin.s)
+            new_max = torch.maximum(row_max, logits.max(1).values)
+            sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+            row_max = new_max
+        return target_logit, slope, row_max, sum_exp, None
 
 
 def _reference_backward(embeddings, weight, labels, class_index, margin, lse, target_logit, slope, grad_rows,
                         need_x, need_w, norms):
     """(grad_embeddings, grad_weight) of Σ_i grad_rows_i·loss_i, recomputing logits chunk by chunk."""
-    dtype = _compute_dtype(embeddings.dtype)
-    x = embeddings.to(dtype)
-    inv_x = _inv_norm(x)
-    x_norm = x * inv_x[:, None]
-    grad_rows = grad_rows.to(dtype)
-    n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
-    grad_x_norm = torch.zeros_like(x_norm)
-    grad_weight = torch.zeros_like(weight) if need_w else None
-    chunk = _reference_chunk(embeddings.shape[0])
-    for start in range(0, n_classes, chunk):
-        end = min(start + chunk, n_classes)
-        rows = _class_rows(class_index, start, end)
-        w = weight[rows].to(dtype)
-        inv_w = _inv_norm(w)
-        w_norm = w * inv_w[:, None]
-        logits = _chunk_logits(x_norm, w_norm, labels, target_logit, start, margin.s)
-        # d loss_i / d cos_ij = s·(p_ij − [j = y_i]·1)·(dψ/dc on the target column)
-        grad_cos = torch.exp(logits - lse[:, None]) * (margin.s * grad_rows)[:, None]
-        columns = torch.arange(start, end, device=labels.device)
-        is_target = columns[None, :] == labels[:, None]
-        grad_cos = torch.where(is_target, (grad_cos - margin.s * grad_rows[:, None]) * slope[:, None], grad_cos)
-        grad_x_norm += grad_cos @ w_norm
-        if need_w:
-            grad_w_norm = grad_cos.T @ x_norm
-            grad_w = inv_w[:, None] * (grad_w_norm - w_norm * (w_norm * grad_w_norm).sum(1, keepdim=True))
-            grad_weight[rows] = grad_w.to(weight.dtype)
-    grad_x = inv_x[:, None] * (grad_x_norm - x_norm * (x_norm * grad_x_norm).sum(1, keepdim=True))
-    return (grad_x.to(embeddings.dtype) if need_x else None), grad_weight
+    with full_precision(embeddings.device):  # fp32 logits under an enclosing autocast too
+        dtype = reference_dtype(embeddings.dtype)
+        x = embeddings.to(dtype)
+        inv_x = _inv_norm(x)
+        x_norm = x * inv_x[:, None]
+        grad_rows = grad_rows.to(dtype)
+        n_classes = weight.shape[0] if class_index is None else class_index.shape[0]
+        grad_x_norm = torch.zeros_like(x_norm)
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        chunk = _reference_chunk(embeddings.shape[0])
+        for start in range(0, n_classes, chunk):
+            end = min(start + chunk, n_classes)
+            rows = _class_rows(class_index, start, end)
+            w = weight[rows].to(dtype)
+            inv_w = _inv_norm(w)
+            w_norm = w * inv_w[:, None]
+            logits = _chunk_logits(x_norm, w_norm, labels, target_logit, start, margin.s)
+            # d loss_i / d cos_ij = s·(p_ij − [j = y_i]·1)·(dψ/dc on the target column)
+            grad_cos = torch.exp(logits - lse[:, None]) * (margin.s * grad_rows)[:, None]
+            columns = torch.arange(start, end, device=labels.device)
+            is_target = columns[None, :] == labels[:, None]
+            grad_cos = torch.where(is_target, (grad_cos - margin.s * grad_rows[:, None]) * slope[:, None],
+                                   grad_cos)
+            grad_x_norm += grad_cos @ w_norm
+            if need_w:
+                grad_w_norm = grad_cos.T @ x_norm
+                grad_w = inv_w[:, None] * (grad_w_norm - w_norm * (w_norm * grad_w_norm).sum(1, keepdim=True))
+                grad_weight[rows] = grad_w.to(weight.dtype)
+        grad_x = inv_x[:, None] * (grad_x_norm - x_norm * (x_norm * grad_x_norm).sum(1, keepdim=True))
+        return (grad_x.to(embeddings.dtype) if need_x else None), grad_weight
 
 
 # ---------------------------------------------------------------------------------------------

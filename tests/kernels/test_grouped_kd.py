@@ -627,6 +627,24 @@ def test_from_embeddings_low_precision(dtype, backend):
         TOLERANCES[dtype].assert_close(tensor.grad.double(), reference_grad, name=name)
 
 
+def test_from_embeddings_ignores_an_enclosing_autocast(backend):
+    """Inside a bf16 autocast (the trainer's), s·cos θ and the softmaxes stay fp32: the loss and the
+    gradients are those computed outside it. The forward runs under autocast, backward outside."""
+    embeddings = face_embeddings(18, 67, 16, 32, seed=21, dtype=torch.float32)
+
+    def loss_and_gradients(autocast):
+        student, student_centres = (x.clone().requires_grad_(True) for x in embeddings[:2])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = grouped_kd_loss_from_embeddings(student, student_centres, *embeddings[2:], s=64.0,
+                                                   temperature=2.0, w_secondary=1.0)
+        return (loss, *torch.autograd.grad(loss, (student, student_centres)))
+
+    inside, outside = loss_and_gradients(True), loss_and_gradients(False)
+    for name, got, expected in zip(("loss", "embeddings", "centres"), inside, outside):
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_from_embeddings_teacher_gets_no_gradient(backend):
     student, student_centres, teacher, teacher_centres = (
         x.requires_grad_(True) for x in face_embeddings(3, 37, 16, 16, seed=18))

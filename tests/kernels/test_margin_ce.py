@@ -183,6 +183,17 @@ def test_output_dtypes(backend):
     assert x.grad.dtype == w.grad.dtype == torch.bfloat16
 
 
+def test_enclosing_autocast_changes_nothing(backend):
+    """Inside a bf16 autocast (the trainer's), forward and backward still compute the logits in fp32:
+    the loss and gradients are those computed outside it."""
+    x, w, labels, grad_rows = problem(19, 37, 24, seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run(x, w, labels, grad_rows, **ARCFACE)
+    outside = run(x, w, labels, grad_rows, **ARCFACE)
+    for name, got, expected in zip(("loss", "grad embeddings", "grad weight"), inside, outside):
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_saturated_and_tied_rows(backend):
     """All the mass in one class (an embedding on its target's centre; one on a wrong class's centre),
     and tied logits (two identical centres), at s = 64."""
