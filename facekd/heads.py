@@ -12,33 +12,24 @@ through :func:`full_precision`, here for the heads' logits and in the distiller 
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from facekd.config import HeadConfig
 from facekd.kernels import margin_softmax_ce
+from facekd.kernels.backend import full_precision, reference_dtype
 from facekd.kernels.margin_ce import cosine_logits, margin_logits
 
 __all__ = ["MarginHead", "full_precision", "logit_dtype"]
 
-# insightface arcface_torch initialises the centres from N(0, 0.01²)
-CENTRE_INIT_STD = 0.01
-
 
 def logit_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype logits from ``tensor`` are computed in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+    return reference_dtype(tensor.dtype)
 
 
-@contextlib.contextmanager
-def full_precision(device: torch.device) -> Iterator[None]:
-    """Switch off any enclosing autocast on ``device``'s type for the block, so that matrix products of
-    fp32 inputs stay fp32 (the trainer runs the distillation terms inside its bf16/fp16 autocast)."""
-    with torch.autocast(device.type, enabled=False):
-        yield
+# insightface arcface_torch initialises the centres from N(0, 0.01²)
+CENTRE_INIT_STD = 0.01
 
 
 class MarginHead(nn.Module):
