@@ -2,8 +2,8 @@
 
 One process on one thread (torch's intra-op threads set to 1; numpy and PIL use one anyway). Synthetic faces
 (:mod:`facekd.data.synth`) are encoded as JPEG, written as shards by :func:`facekd.data.convert.convert_to_shards`,
-and measured in the same run, in interleaved rounds (best round of each kept, as ``timeit`` does on a shared
-machine):
+and measured in the same run, in interleaved rounds, in CPU seconds of this process (``time.process_time``), so
+that other processes of a shared machine do not count; the best round of each is kept, as ``timeit`` does:
 
 * ``decode_only`` — PIL decoding the shards' JPEG bytes, already in memory: the rate no loader can beat;
 * ``loader`` — :class:`~facekd.data.loader.ShardStream` with ``num_workers=0``, as the trainer reads it: tar
@@ -237,6 +237,15 @@ CHART = Chart(x="image_size", y="us_per_image", series="what", panel=("cores",),
               y_label="µs per image, one core", title="loader vs PIL decode alone, and the loader's stages")
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     """Measure each image size, write results/<device>/data.{json,md,png}; returns their paths."""
     device = Device.detect(args.device)
@@ -248,10 +257,12 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                               workdir=workdir)
             rows += _rows(figures)
             notes[f"ratio_{image_size}px"] = round(figures["ratio"], 3)
+            notes[f"ratio_uint8_{image_size}px"] = round(figures["ratio_uint8"], 3)
     notes.update(
-        timing=(f"one process, one thread; best of interleaved rounds; loader batches of {BATCH_SIZE} with a "
-                f"{SHUFFLE_BUFFER}-sample shuffle buffer, timed after it filled"),
-        cpu=platform.processor() or platform.machine(),
+        timing=(f"one process, one thread, CPU time; best of {figures['rounds']} interleaved rounds; loader batches "
+                f"of {figures['batch_size']} with a {figures['shuffle_buffer']}-sample shuffle buffer, timed after "
+                "it filled"),
+        cpu=_cpu_name(),
         cores=os.cpu_count(),
         pillow=f"{Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo') or 'absent'})",
     )

@@ -47,6 +47,7 @@ import random
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -128,6 +129,8 @@ def _pax_records(content: bytes) -> dict[str, str]:
         key, _, value = content[content.index(b" ", position) + 1 : position + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         position += length
+    if int(records.get("size", 0)) < 0:
+        raise ValueError(f"negative size {records['size']}")
     return records
 
 
@@ -213,7 +216,9 @@ def _group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[d
 def _read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples ({"__key__", "jpg", "cls", ...} with bytes values) of one shard: a path, http(s):// or pipe: URL."""
     try:
-        stream = gopen(url, "rb", bufsize=_READ_BUFFER)
+        # webdataset opens local files with the default 8 KB buffer: one read call per member
+        local = urlparse(url).scheme == ""
+        stream = open(url, "rb", buffering=_READ_BUFFER) if local else gopen(url, "rb", bufsize=_READ_BUFFER)
     except (OSError, ValueError) as error:
         raise ShardReadError(f"cannot read shard {url}: {_one_line(error)}") from error
     try:
