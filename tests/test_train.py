@@ -224,7 +224,7 @@ def test_shipped_student_specs_run_on_synthetic_shards(path, tiny_data, trained_
         f"data.manifest={tiny_data / 'shards'}", "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
         "model.width=0.25", "model.embedding_dim=16", "model.init_from=null", "head.s=16.0",
         f"train.output_dir={tmp_path / 'run'}",
-        "train.steps=2", "train.batch_size=8", "train.device=cpu", "eval.bins=[]",
+        "train.steps=2", "train.epochs=null", "train.batch_size=8", "train.device=cpu", "eval.bins=[]",
     ]
     spec = load_job(path)
     if spec.distill.methods:
