@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
 from facekd.data.convert import read_manifest
-from facekd.data.loader import build_train_loader
+from facekd.data.loader import build_train_loader, to_float
 from facekd.distill.distiller import Distiller, Outputs
 from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import (
@@ -266,7 +266,7 @@ class Trainer:
             job.data.manifest, batch_size=train.batch_size, image_size=job.data.image_size,
             num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed,
             start_batch=step, resampled=job.data.resampled, base_url=job.data.base_url,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda", uint8_pixels=True,
         )
         unlabeled = None
         if job.data.unlabeled_manifest is not None:
@@ -274,6 +274,7 @@ class Trainer:
                 job.data.unlabeled_manifest, batch_size=train.batch_size, image_size=job.data.image_size,
                 num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed + 1,
                 start_batch=step, resampled=True, pin_memory=device.type == "cuda", use_labels=False,
+                uint8_pixels=True,
             ))
 
         # build the student (or teacher) backbone and head
@@ -379,7 +380,9 @@ class Trainer:
 
     def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on ``batch``; returns (label loss, distillation loss), on the device."""
-        images = batch.images.to(run.device, non_blocking=True)
+        # batches arrive as uint8 pixels (a quarter of the copy) and are normalised on the device, bit for bit
+        # as the loader would have (see facekd.data.loader.to_float)
+        images = to_float(batch.images.to(run.device, non_blocking=True))
         labels = batch.labels.to(run.device, non_blocking=True)
 
         # forward: student backbone, margin loss (fp32 centres, outside autocast), distillation
@@ -447,7 +450,7 @@ class Trainer:
     def _unlabeled_loss(self, run: _Run, images: torch.Tensor, teacher_outputs: Outputs, batch: Any) -> torch.Tensor:
         """SRRL thesis Sec. 4.2.2: λ·L_KD(U) (Eq. 4.9) plus the mixup term (Eq. 4.11-4.12) for one step."""
         config = self.job.distill.unlabeled
-        unlabeled_images = batch.images.to(run.device, non_blocking=True)
+        unlabeled_images = to_float(batch.images.to(run.device, non_blocking=True))
         student = _forward(run.backbone, unlabeled_images, run.distiller.needs_stages)
         with torch.no_grad():
             teacher_unlabeled = _forward(run.teacher, unlabeled_images, run.distiller.needs_stages)

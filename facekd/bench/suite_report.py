@@ -129,9 +129,10 @@ def _data(result: dict, summary: dict) -> str:
     slowest = max(measured["breakdown"], key=measured["breakdown"].get)
     text = (f"The training loader on one core of {summary['cpu']} ({measured['cores']} cores), "
             f"{measured['num_images']} synthetic JPEG faces at {measured['image_size']} px: {per_core:,.0f} images/s "
-            f"per core through the loader (tar, shuffle, decode, flips, batches), "
-            f"{measured['decode_only_images_per_s']:,.0f} images/s for the JPEG decode alone (the loader takes "
-            f"{measured['ratio']:.2f}× the decode time; its largest stage: {slowest}). A step of item 4 needs "
+            f"per core through the trainer's loader path (tar, shuffle, decode, flips, uint8 batches; normalised on "
+            f"the device), {measured['decode_only_images_per_s']:,.0f} images/s for the JPEG decode alone (the loader "
+            f"takes {measured['ratio_uint8']:.2f}× the decode time, {measured['ratio']:.2f}× when it also makes float "
+            f"batches; its largest stage: {slowest}). A step of item 4 needs "
             f"its images/s ÷ {per_core:,.0f} loader cores.\n\n")
     columns = (Column("config", "step of item 4"), Column("images_per_s", f"images/s ({device})", "{:,.0f}"),
                Column("cores_needed", "CPU cores needed per GPU", "{:.1f}"))

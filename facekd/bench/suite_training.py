@@ -38,7 +38,7 @@ OVERHEAD_TARGET = 0.15
 class _SyntheticBatch(NamedTuple):
     """What Trainer._step reads of a loader batch."""
 
-    images: torch.Tensor  # [B, 3, S, S] on the device, normalised
+    images: torch.Tensor  # uint8 [B, S, S, 3] RGB pixels on the device, as the trainer's loader delivers them
     labels: torch.Tensor  # [B] int64
 
 
@@ -53,8 +53,8 @@ def training_step(suite: Suite, deadline: Deadline) -> dict:
     rows, notes = [], []
     generator = torch.Generator(device=device.torch_device).manual_seed(0)
     batch = _SyntheticBatch(
-        torch.randn(sizes.train_batch, 3, sizes.image_size, sizes.image_size, device=device.torch_device,
-                    generator=generator),
+        torch.randint(0, 256, (sizes.train_batch, sizes.image_size, sizes.image_size, 3), dtype=torch.uint8,
+                      device=device.torch_device, generator=generator),
         torch.randint(0, sizes.train_classes, (sizes.train_batch,), device=device.torch_device, generator=generator),
     )
     student_s = sizes.first_train_config_s
@@ -165,7 +165,7 @@ def data_feed(suite: Suite, deadline: Deadline) -> dict:
     with tempfile.TemporaryDirectory(prefix="facekd-gpu-suite-data-") as workdir:
         measured = data_bench.measure(image_size=sizes.data_image_size, num_images=sizes.data_num_images,
                                       budget_s=budget_s, workdir=Path(workdir))
-    per_core = measured["loader_images_per_s"]  # one loader process on one thread
+    per_core = measured["loader_uint8_images_per_s"]  # the trainer's path; one loader process on one thread
     steps = suite.results.get("training_step", {}).get("rows", [])
     feeding = [{"config": row["config"], "images_per_s": row["images_per_s"],
                 "cores_needed": row["images_per_s"] / per_core}
