@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
 from facekd.data.convert import read_manifest
-from facekd.data.loader import build_train_loader, to_float
+from facekd.data.loader import build_train_loader, epoch_length, to_float
 from facekd.distill.distiller import Distiller, Outputs
 from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import (
     clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
 )
-from facekd.errors import CheckpointError, ConfigError, DataError, TrainingError
+from facekd.errors import CheckpointError, ConfigError, TrainingError
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
 
@@ -110,12 +110,8 @@ def lr_factor(step: int, job: JobConfig, schedule: Schedule) -> float:
 
 def batches_per_epoch(job: JobConfig, world_size: int = 1) -> int:
     """Steps in one epoch of the job's manifest: its samples over the batch of all ranks."""
-    manifest, manifest_dir = read_manifest(job.data.manifest)
-    steps = manifest["num_samples"] // (job.train.batch_size * world_size)
-    if steps == 0:
-        raise DataError(f"{manifest_dir}: {manifest['num_samples']} samples make no batch of {job.train.batch_size} "
-                        f"per rank on {world_size} rank(s); lower train.batch_size")
-    return steps
+    manifest, _ = read_manifest(job.data.manifest)
+    return epoch_length(manifest["num_samples"], job.train.batch_size, world_size)
 
 
 def build_network(

@@ -58,7 +58,10 @@ from webdataset.gopen import gopen
 from facekd.data.convert import read_manifest
 from facekd.errors import ConfigError, DataError, FacekdError
 
-__all__ = ["Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "decode_image", "to_float"]
+__all__ = [
+    "Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "decode_image", "epoch_length",
+    "to_float",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -663,6 +666,16 @@ class ShardLoader:
             raise error
 
 
+def epoch_length(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch on each rank: ``num_samples`` over the batch of all ranks (at least one, or ConfigError)."""
+    batches = num_samples // (batch_size * world_size)
+    if batches == 0:
+        raise ConfigError(
+            f"{num_samples} samples make no batch of {batch_size} per rank on {world_size} ranks; lower the batch size"
+        )
+    return batches
+
+
 def build_train_loader(
     manifest_path: str | Path,
     *,
@@ -722,12 +735,7 @@ def build_train_loader(
                 raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {expected}")
     num_samples = manifest["num_samples"]
     if batches_per_epoch is None:
-        batches_per_epoch = num_samples // (batch_size * world_size)
-        if batches_per_epoch == 0:
-            raise ConfigError(
-                f"{num_samples} samples make no batch of {batch_size} per rank on {world_size} ranks; "
-                "lower batch_size or pass batches_per_epoch"
-            )
+        batches_per_epoch = epoch_length(num_samples, batch_size, world_size)
     stream = ShardStream(
         urls,
         [shard["num_samples"] for shard in manifest["shards"]],
