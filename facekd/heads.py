@@ -8,7 +8,8 @@ class shard without the training step noticing.
 Logits a loss reads are formed in fp32 (float64 stays float64) whatever autocast encloses the call:
 at s = 64 bf16 logits above 32 are rounded to steps of 0.25, before a softmax over tens of thousands
 of classes. The fused kernels accumulate in fp32 by construction; the plain-torch paths get the same
-through :func:`full_precision`, here for the heads' logits and in the distiller for its logit terms.
+through :func:`facekd.kernels.backend.full_precision`, here for the heads' logits and in the distiller
+for its logit terms.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from facekd.kernels import margin_softmax_ce
 from facekd.kernels.backend import full_precision, reference_dtype
 from facekd.kernels.margin_ce import cosine_logits, margin_logits
 
-__all__ = ["MarginHead", "full_precision", "logit_dtype"]
+__all__ = ["MarginHead", "logit_dtype"]
 
 
 def logit_dtype(tensor: torch.Tensor) -> torch.dtype:

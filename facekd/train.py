@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from facekd.config import HeadConfig, JobConfig, ModelConfig, job_from_dict, job_to_dict
+from facekd.config import HeadConfig, JobConfig, ModelConfig, OptimConfig, job_from_dict, job_to_dict
 from facekd.data.convert import read_manifest
 from facekd.data.loader import build_train_loader, epoch_length, to_float
 from facekd.distill.distiller import Distiller, Outputs
@@ -69,6 +69,20 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return _DTYPES[requested]
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[Any, torch.dtype]:
+    """The autocast context of the backbones for ``train.precision`` (a null context for fp32), and its dtype."""
+    dtype = resolve_precision(precision, device)
+    return (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()), dtype
+
+
+def build_optimizer(optim: OptimConfig, parameters: list[nn.Parameter], device: torch.device) -> torch.optim.SGD:
+    """SGD over ``parameters`` with the job's momentum, Nesterov and weight decay (fused on CUDA)."""
+    return torch.optim.SGD(
+        parameters, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+        weight_decay=optim.weight_decay, **({"fused": True} if device.type == "cuda" else {}),
+    )
 
 
 @dataclass(frozen=True)
@@ -251,9 +265,7 @@ class Trainer:
         job, train = self.job, self.job.train
         # pick the device and numerics
         device = resolve_device(train.device)
-        autocast_dtype = resolve_precision(train.precision, device)
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32
-                    else nullcontext())
+        autocast, autocast_dtype = autocast_for(device, train.precision)
         torch.manual_seed(train.seed)
         step = state["step"] if state else 0
 
@@ -285,10 +297,7 @@ class Trainer:
 
         # build the optimiser and schedule over every trained parameter
         parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
-        optimizer = torch.optim.SGD(
-            parameters, lr=job.optim.lr, momentum=job.optim.momentum, nesterov=job.optim.nesterov,
-            weight_decay=job.optim.weight_decay, **({"fused": True} if device.type == "cuda" else {}),
-        )
+        optimizer = build_optimizer(job.optim, parameters, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job, self.schedule))
         scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 

@@ -104,7 +104,7 @@ def _build_run(suite: Suite, backbone: str, methods: dict | None):
     """A Trainer and its run state for ``backbone``; ``methods`` None: the teacher's own step (labels only)."""
     from facekd.config import ModelConfig, job_from_dict
     from facekd.distill.distiller import Distiller
-    from facekd.train import Trainer, _Run, build_network, resolve_precision
+    from facekd.train import Trainer, _Run, autocast_for, build_network, build_optimizer
 
     sizes, device = suite.sizes, suite.device.torch_device
     teacher_step = methods is None
@@ -117,9 +117,7 @@ def _build_run(suite: Suite, backbone: str, methods: dict | None):
         "train": {"output_dir": str(suite.out / "unused"), "steps": 1000, "batch_size": sizes.train_batch,
                   "device": device.type, "precision": sizes.precision},
     }, source="gpu-suite")
-    autocast_dtype = resolve_precision(job.train.precision, device)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast, autocast_dtype = autocast_for(device, job.train.precision)
 
     # build the student (or teacher) backbone and head
     torch.manual_seed(job.train.seed)
@@ -140,9 +138,7 @@ def _build_run(suite: Suite, backbone: str, methods: dict | None):
 
     # build the optimiser over every trained parameter (a constant learning rate: the schedule costs nothing)
     parameters = [*network.parameters(), *head.parameters(), *distiller.parameters()]
-    optimizer = torch.optim.SGD(parameters, lr=job.optim.lr, momentum=job.optim.momentum,
-                                nesterov=job.optim.nesterov, weight_decay=job.optim.weight_decay,
-                                **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = build_optimizer(job.optim, parameters, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     run = _Run(device=device, autocast=autocast, step=0, loader=None, unlabeled=None, backbone=network, head=head,

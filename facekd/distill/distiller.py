@@ -42,8 +42,9 @@ from facekd.distill.relational import rkd_loss
 from facekd.distill.shrinkteanet import IntermediateAngularDistiller
 from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_loss, teacher_gram
 from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
-from facekd.heads import MarginHead, full_precision, logit_dtype
+from facekd.heads import MarginHead, logit_dtype
 from facekd.kernels import grouped_kd_loss
+from facekd.kernels.backend import full_precision
 from facekd.kernels.grouped_kd import grouped_kd_loss_from_embeddings
 from facekd.models import StagedBackbone
 
