@@ -50,20 +50,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from facekd.kernels.backend import (ENV_VAR, check_nonempty, full_precision, reference_dtype, triton_interpreted,
+from facekd.kernels.backend import (check_nonempty, full_precision, reference_dtype, triton_interpreted,
                                     use_triton)
+from facekd.kernels.common import AllReduce, all_reduce_max, all_reduce_sum
 from facekd.kernels.margin_ce import cosine_logits
+from facekd.kernels.selection import (BATCH_K_STEP, NUM_PIVOTS, Evaluate, Interval, batch_k_from_first, search,
+                                      search_passes, sharded_primary_mask, whole_range)
 
 SELECTIONS = ("sample", "batch", "fixed")
 REDUCTIONS = ("mean", "sum", "none")
-# gkd_adaptive.py of the authors' code tries k = 1, 101, 201, … for the batch-wide k.
-BATCH_K_STEP = 100
 # The embedding kernels hold one whole embedding (padded to a power of two) per tile row.
 MAX_EMBEDDING_DIM = 1024
 
@@ -189,11 +190,8 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # above every finite or infinite logit. With G(t) = Σ_{key ≥ t} p̃ and N(t) = #{key ≥ t}, both
 # sums over classes, per-(row, class-tile) partial sums add up across tiles and class shards.
 #
-# The search keeps an interval [lo, hi) of keys with G(lo) ≥ τ > G(hi) (N(lo) ≥ k > N(hi) for a
-# fixed k) and evaluates G and N at NUM_PIVOTS pivots per pass, which cut it into NUM_PIVOTS + 1
-# parts. Once one class is left in the interval (N(lo) − N(hi) = 1) it is the first class m of the
-# ranking at which the cumulative mass reaches τ: cum_m = G(lo), cum_{m−1} = G(hi), and GKD Eq. 3
-# picks k = m − 1 or m from these two numbers alone. ⌈log_{P+1}(2^32·C)⌉ passes always suffice;
+# The search over these keys (:func:`facekd.kernels.selection.search`) evaluates N and G at
+# NUM_PIVOTS pivots per pass with _pivot_kernel; ⌈log_{P+1}(2^32·C)⌉ passes always suffice, and
 # rows already settled skip their tiles.
 #
 # Every kernel reads a network's logits through _logit_tile: from a [B, C] logits tensor, or
@@ -201,7 +199,6 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # [C, D], both normalised on the fly, so that no B×C matrix is ever written. Each pass then
 # recomputes its logits: a GEMM tile per pass instead of a B×C buffer.
 
-NUM_PIVOTS = 16  # pivots per search pass: each pass divides the key interval by 17
 _LOWEST = tl.constexpr(-1.0e30)  # running max of an empty set; exp(_LOWEST − m) = 0 for real m
 _NORM_EPS = tl.constexpr(1.0e-12)  # as torch.nn.functional.normalize
 
@@ -777,9 +774,6 @@ def _centre_grad_kernel(
 # Host launchers: grids, chunking, combination across chunks, shards and ranks
 # ---------------------------------------------------------------------------------------------
 
-AllReduce = Callable[[torch.Tensor, str], None]
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What one grouped KD evaluation needs besides tensors (checked by the public functions)."""
@@ -912,14 +906,6 @@ def _row_stats(
     )
 
 
-def _search_passes(num_classes_total: int) -> int:
-    """Passes after which any key interval of width 2^32·C is down to one key."""
-    width, passes = 2**32 * num_classes_total, 0
-    while width > 1:
-        width, passes = -(-width // (NUM_PIVOTS + 1)), passes + 1
-    return passes
-
-
 def _pivot_counts(
     shards: Sequence[_Shard],
     pivots: torch.Tensor,  # [R, NUM_PIVOTS] int64
@@ -969,63 +955,6 @@ def _pivot_counts(
     return totals[0], totals[1]
 
 
-class _Interval(NamedTuple):
-    """Search state per row: keys in [lo, hi), with N and G at both ends."""
-
-    lo: torch.Tensor  # [R] int64
-    hi: torch.Tensor
-    count_lo: torch.Tensor  # [R] float64, N(lo) ≥ target > N(hi) or G(lo) ≥ τ > G(hi)
-    count_hi: torch.Tensor
-    mass_lo: torch.Tensor
-    mass_hi: torch.Tensor
-
-
-def _search(
-    evaluate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    num_rows: int,
-    plan: _Plan,
-    device: torch.device,
-    *,
-    tau: float | None = None,
-    target_count: torch.Tensor | None = None,
-) -> _Interval:
-    """Narrow [lo, hi) to the one class at which G reaches τ (or N reaches target_count).
-
-    ``evaluate(pivots, active)`` returns N and G at the pivots. No host synchronisation: the
-    number of passes is fixed by C, and settled rows are skipped inside the kernels.
-    """
-    offsets = torch.arange(1, NUM_PIVOTS + 1, device=device)
-    state = _Interval(
-        lo=torch.zeros(num_rows, dtype=torch.int64, device=device),
-        hi=torch.full((num_rows,), 2**32 * plan.num_classes, dtype=torch.int64, device=device),
-        count_lo=torch.full((num_rows,), float(plan.num_classes), dtype=torch.float64, device=device),
-        count_hi=torch.zeros(num_rows, dtype=torch.float64, device=device),
-        mass_lo=torch.ones(num_rows, dtype=torch.float64, device=device),
-        mass_hi=torch.zeros(num_rows, dtype=torch.float64, device=device),
-    )
-    for _ in range(_search_passes(plan.num_classes)):
-        active = state.count_lo - state.count_hi > 1
-        step = (state.hi - state.lo + NUM_PIVOTS) // (NUM_PIVOTS + 1)
-        pivots = torch.minimum(state.lo[:, None] + step[:, None] * offsets, state.hi[:, None])
-        count, mass = evaluate(pivots.contiguous(), active)
-        reached = mass >= tau if target_count is None else count >= target_count[:, None]
-        # pivots increase, so N and G decrease: count the leading pivots that still reach
-        below = reached.long().cumprod(1).sum(1)
-        new_lo = (below - 1).clamp(min=0)[:, None]
-        new_hi = below.clamp(max=NUM_PIVOTS - 1)[:, None]
-        move_lo = active & (below > 0)
-        move_hi = active & (below < NUM_PIVOTS)
-        state = _Interval(
-            lo=torch.where(move_lo, pivots.gather(1, new_lo).squeeze(1), state.lo),
-            hi=torch.where(move_hi, pivots.gather(1, new_hi).squeeze(1), state.hi),
-            count_lo=torch.where(move_lo, count.gather(1, new_lo).squeeze(1), state.count_lo),
-            count_hi=torch.where(move_hi, count.gather(1, new_hi).squeeze(1), state.count_hi),
-            mass_lo=torch.where(move_lo, mass.gather(1, new_lo).squeeze(1), state.mass_lo),
-            mass_hi=torch.where(move_hi, mass.gather(1, new_hi).squeeze(1), state.mass_hi),
-        )
-    return state
-
-
 def _batch_k_tensor(shards: Sequence[_Shard], plan: _Plan) -> torch.Tensor:
     """The authors' batch-wide k (see :func:`_batch_k`) as a device scalar, found by the search."""
     log_partition = _row_stats(shards, 1.0, plan, with_teacher=False)[:, 1].float()
@@ -1046,8 +975,15 @@ def _batch_k_tensor(shards: Sequence[_Shard], plan: _Plan) -> torch.Tensor:
 
     state = _search(evaluate, 1, plan, shards[0].student.device, tau=plan.tau)
     first = state.count_hi + 1  # 1-based position at which the batch mass reaches τ·B
-    k = 1 + BATCH_K_STEP * torch.ceil((first - 1) / BATCH_K_STEP)
-    return torch.where(k < plan.num_classes, k, float(plan.num_classes))
+    return batch_k_from_first(first, plan.num_classes)
+
+
+def _search(evaluate: Evaluate, num_rows: int, plan: _Plan, device: torch.device, **target
+            ) -> Interval:
+    """:func:`~facekd.kernels.selection.search` over the composite keys [0, 2^32·C) of the kernels."""
+    key_width = 2**32 * plan.num_classes
+    start = whole_range(key_width, plan.num_classes, 1.0, num_rows, device)
+    return search(evaluate, start, search_passes(key_width), **target)
 
 
 def _primary_threshold(
@@ -1328,8 +1264,11 @@ def grouped_kd_loss_sharded(
     part, and the other ranks call the function at the same time with theirs. Every rank gets
     the same loss; the gradient reaches each rank's own student shards. Only per-sample
     statistics cross ranks: row maxima and sums, NUM_PIVOTS counts and masses per search pass,
-    and the group sums. ``labels`` hold global class indices. The plain-torch path concatenates
-    local shards and cannot take ``all_reduce``.
+    and the group sums. ``labels`` hold global class indices. The plain-torch path computes in
+    fp32 (float64 for float64 inputs), also under an enclosing autocast; across ranks it holds
+    this rank's [B, C_r] logits and finds Φ by the same kind of search (see
+    :mod:`facekd.kernels.selection`); without ``all_reduce`` it is the reference on the
+    concatenated shards.
     """
     if len(student_shards) == 0 or len(student_shards) != len(teacher_shards):
         raise ValueError(
@@ -1381,10 +1320,17 @@ def grouped_kd_loss_sharded(
         return _reduce(rows.to(dtype), reduction)
 
     if all_reduce is not None:
-        raise RuntimeError(
-            "grouped_kd_loss_sharded across ranks needs the Triton path: CUDA tensors, or "
-            f"{ENV_VAR}=triton with TRITON_INTERPRET=1"
-        )
+        # the logits of this rank's classes only, in fp32 (float64 stays float64) like the kernels
+        with full_precision(student_shards[0].device):
+            rows = _sharded_rows(
+                torch.cat(list(student_shards), dim=1), torch.cat(list(teacher_shards), dim=1),
+                torch.cat([torch.arange(offset, offset + student.shape[1], device=student.device)
+                           for offset, student in zip(class_offsets, student_shards)]),
+                num_classes=int(num_classes), all_reduce=all_reduce, tau=tau, temperature=temperature,
+                w_primary=w_primary, w_binary=w_binary, w_secondary=w_secondary, selection=selection,
+                k=k, force_target=force_target, labels=labels,
+            )
+            return _reduce(rows.to(dtype), reduction)
     order = sorted(range(len(student_shards)), key=lambda index: class_offsets[index])
     return reference_grouped_kd_loss(
         torch.cat([student_shards[index] for index in order], dim=1),
@@ -1424,9 +1370,9 @@ def grouped_kd_loss_from_embeddings(
     ``class_offset``, ``num_classes`` and ``all_reduce`` shard the classes across ranks as in
     :func:`grouped_kd_loss_sharded` (the centres are this rank's [C_r, D] shard; the embedding
     gradient is this rank's part, to be summed over ranks like any model-parallel classifier's).
-    The plain-torch path (CPU without the interpreter) materialises the logits, in fp32 (float64
-    for float64 inputs) like the kernels, also inside an enclosing autocast; its backward is torch
-    autograd's, so call backward outside the autocast block, as PyTorch advises.
+    The plain-torch path (CPU without the interpreter) materialises this rank's logits [B, C_r], in
+    fp32 (float64 for float64 inputs) like the kernels, also inside an enclosing autocast; its
+    backward is torch autograd's, so call backward outside the autocast block, as PyTorch advises.
     """
     tensors = {"student_embeddings": student_embeddings, "student_centres": student_centres,
                "teacher_embeddings": teacher_embeddings, "teacher_centres": teacher_centres}
@@ -1489,21 +1435,22 @@ def grouped_kd_loss_from_embeddings(
         )
         return _reduce(rows.to(dtype), reduction)
 
-    if all_reduce is not None:
-        raise RuntimeError(
-            "grouped_kd_loss_from_embeddings across ranks needs the Triton path: CUDA tensors, "
-            f"or {ENV_VAR}=triton with TRITON_INTERPRET=1"
-        )
     # s·cos θ in fp32 (float64 stays float64) like the kernels, also under an enclosing autocast
     compute_dtype = reference_dtype(dtype)
+    options = dict(tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
+                   w_secondary=w_secondary, selection=selection, k=k, force_target=force_target,
+                   labels=labels)
     with full_precision(student_embeddings.device):
-        rows = reference_grouped_kd_loss(
-            cosine_logits(student_embeddings.to(compute_dtype), student_centres.to(compute_dtype), s=s),
-            cosine_logits(teacher_embeddings.to(compute_dtype), teacher_centres.to(compute_dtype), s=s),
-            tau=tau, temperature=temperature, w_primary=w_primary, w_binary=w_binary,
-            w_secondary=w_secondary, reduction="none", selection=selection, k=k,
-            force_target=force_target, labels=labels,
-        )
+        student_logits = cosine_logits(student_embeddings.to(compute_dtype),
+                                       student_centres.to(compute_dtype), s=s)
+        teacher_logits = cosine_logits(teacher_embeddings.to(compute_dtype),
+                                       teacher_centres.to(compute_dtype), s=s)
+        if all_reduce is None:
+            rows = reference_grouped_kd_loss(student_logits, teacher_logits, reduction="none", **options)
+        else:
+            classes = torch.arange(class_offset, class_offset + shard_classes, device=student_logits.device)
+            rows = _sharded_rows(student_logits, teacher_logits, classes, num_classes=num_classes,
+                                 all_reduce=all_reduce, **options)
         return _reduce(rows.to(dtype), reduction)
 
 
@@ -1660,12 +1607,103 @@ def reference_grouped_kd_loss(
         student_logits, teacher_logits, tau=tau, temperature=temperature, selection=selection,
         k=k, force_target=force_target, labels=labels,
     )
-    rows = (
+    rows = _weighted_rows(terms, w_primary, w_binary, w_secondary, temperature)
+    return _reduce(rows.to(student_logits.dtype), reduction)
+
+
+def _weighted_rows(
+    terms: GroupedKDTerms,
+    w_primary: float | torch.Tensor,
+    w_binary: float | torch.Tensor,
+    w_secondary: float | torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """The loss per sample [B] from its KL terms."""
+    return (
         _weight_rows(w_primary, "w_primary", terms.primary) * terms.primary
         + _weight_rows(w_binary, "w_binary", terms.binary) * terms.binary
         + _weight_rows(w_secondary, "w_secondary", terms.secondary) * terms.secondary
     ) * temperature**2  # GKD Eq. 11, with Hinton's T² so gradients keep their scale
-    return _reduce(rows.to(student_logits.dtype), reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain torch across ranks: each rank holds the logits of its classes only
+# ---------------------------------------------------------------------------------------------
+
+
+def _sharded_terms(
+    student_logits: torch.Tensor,  # [B, C_r] this rank's classes
+    teacher_logits: torch.Tensor,  # [B, C_r]
+    classes: torch.Tensor,  # [C_r] int64 global class of each column
+    *,
+    num_classes: int,
+    all_reduce: AllReduce,
+    tau: float,
+    temperature: float,
+    selection: str,
+    k: int | None,
+    force_target: bool,
+    labels: torch.Tensor | None,
+) -> GroupedKDTerms:
+    """:func:`grouped_kd_terms` over the C classes of all ranks, from this rank's columns; the mask
+    is this rank's columns of Φ. Computed in float32 (float64 for float64 inputs).
+
+    Per row and group g ∈ (Φ, Ψ) the ranks add up Σ_g e^{z_S/T − M_S,g}, Σ_g e^{z_T/T − M_T,g} and
+    Σ_g e^{z_T/T − M_T,g}·gap with gap = (z_T/T − M_T,g) − (z_S/T − M_S,g), M the group maxima over
+    all ranks; then KL(p̂^T ‖ p̂^S) = E_{p̂^T}[gap] − log Σ_g e^{z_T/T − M_T,g} + log Σ_g e^{z_S/T − M_S,g}
+    (GKD Eq. 5, 10): the maxima cancel, and centring by them keeps the cancellation small. The sums
+    cross ranks through an all-reduce whose backward is the identity, so each rank's backward is
+    the exact gradient of its columns (see :mod:`facekd.kernels.common`).
+    """
+    dtype = reference_dtype(student_logits.dtype)
+    mask = sharded_primary_mask(
+        student_logits.detach().to(dtype), classes, num_classes=num_classes, all_reduce=all_reduce,
+        tau=tau, temperature=temperature, selection=selection, k=k, force_target=force_target,
+        labels=labels,
+    )
+    groups = torch.stack([mask, ~mask])  # [2, B, C_r]: Φ, Ψ
+    student = student_logits.to(dtype) / temperature
+    teacher = teacher_logits.detach().to(dtype) / temperature
+    maxima = torch.stack([student.detach().masked_fill(~groups, -math.inf).amax(2),
+                          teacher.masked_fill(~groups, -math.inf).amax(2)])  # [2, 2, B]
+    maxima = all_reduce_max(maxima, all_reduce)
+    maxima = torch.where(torch.isfinite(maxima), maxima, 0.0)  # an empty group
+    student_centred = student - maxima[0][..., None]  # [2, B, C_r]
+    teacher_centred = teacher - maxima[1][..., None]
+    student_weights = student_centred.masked_fill(~groups, -math.inf).exp()
+    teacher_weights = teacher_centred.masked_fill(~groups, -math.inf).exp()
+    gap = torch.where(groups, teacher_centred - student_centred, 0.0)
+    local = torch.stack([student_weights.sum(2), teacher_weights.sum(2), (teacher_weights * gap).sum(2),
+                         groups.sum(2).to(dtype)])  # [4, 2, B]
+    student_sum, teacher_sum, cross, size = all_reduce_sum(local, all_reduce)
+    present = size > 0
+    # an empty group's sums are 0: give log a 1 there, so that no inf reaches the backward
+    student_sum = torch.where(present, student_sum, 1.0)
+    teacher_sum = torch.where(present, teacher_sum, 1.0)
+    group_kl = torch.where(present, cross / teacher_sum - teacher_sum.log() + student_sum.log(), 0.0)
+    # GKD Eq. 6: group masses, then Binary-KD with 0·log 0 = 0
+    student_lse = torch.where(present, maxima[0] + student_sum.log(), -math.inf)  # [2, B]
+    teacher_lse = torch.where(present, maxima[1] + teacher_sum.log(), -math.inf)
+    student_log_mass = student_lse - torch.logaddexp(student_lse[0], student_lse[1])
+    teacher_log_mass = teacher_lse - torch.logaddexp(teacher_lse[0], teacher_lse[1])
+    teacher_mass = torch.where(present, teacher_log_mass.exp(), 0.0)
+    binary = torch.where(teacher_mass > 0, teacher_mass * (teacher_log_mass - student_log_mass), 0.0).sum(0)
+    return GroupedKDTerms(group_kl[0], binary, group_kl[1], mask, teacher_mass[0])
+
+
+def _sharded_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    w_primary: float | torch.Tensor,
+    w_binary: float | torch.Tensor,
+    w_secondary: float | torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """The loss per sample [B] of :func:`_sharded_terms` (same ``options``), in its compute dtype."""
+    terms = _sharded_terms(student_logits, teacher_logits, classes, **options)
+    return _weighted_rows(terms, w_primary, w_binary, w_secondary, options["temperature"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -670,14 +670,6 @@ def test_from_embeddings_bad_arguments(change, message):
         grouped_kd_loss_from_embeddings(**arguments)
 
 
-def test_all_reduce_needs_the_triton_path(monkeypatch):
-    monkeypatch.setenv("FACEKD_KERNEL_BACKEND", "torch")
-    student, teacher, _ = face_logits(2, 37, seed=15)
-    with pytest.raises(RuntimeError, match="needs the Triton path"):
-        grouped_kd_loss_sharded([student[:, :20]], [teacher[:, :20]], class_offsets=[0],
-                                num_classes=37, all_reduce=lambda tensor, op: None)
-
-
 @pytest.mark.parametrize("offsets, num_classes, message", [
     ([0, 15], 37, "must be disjoint class ranges"),
     ([0, 21], 37, "must be disjoint class ranges"),
