@@ -30,10 +30,11 @@ Partial FC. ``class_index`` [K] selects the rows of ``weight`` one step uses (sa
 negatives); labels then index ``class_index``. Only those rows are read, and only they get a
 gradient (the others get exact zeros).
 
-Sharded classes. :func:`margin_ce_shard_stats` returns per-row partial statistics for one shard of
-the classes, :func:`combine_shard_stats` shows how shards combine (max, then rescaled sums: what the
-distributed layer does with all-reduces), and :func:`margin_ce_shard_loss` finishes the loss from
-the combined statistics and gives this shard's gradients. No logits ever leave a shard.
+Sharded classes. :func:`margin_softmax_ce_sharded` takes this rank's shard of the class centres
+(the global classes [class_offset, class_offset + C_r)) and global labels; the ranks combine per-row
+statistics through ``all_reduce`` (see :mod:`facekd.kernels.common`): one MAX of the row maxima,
+one SUM of the rescaled Σexp and of the target logit (held by one rank). No logits ever leave a
+shard, and backward reuses the forward's log-sum-exp without communicating.
 
 Numerics: accumulation and the returned loss are float32 (float64 for float64 inputs on the torch
 path), whatever autocast encloses the call; the log-sum-exp keeps a running row maximum, so small
@@ -48,13 +49,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from facekd.kernels.backend import ENV_VAR, check_nonempty, full_precision, reference_dtype, use_triton
+from facekd.kernels.common import AllReduce
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -68,14 +69,6 @@ REFERENCE_CHUNK_ELEMENTS = 1 << 22
 # The ∂x and ∂w kernels keep a [rows, next_pow2(D)] fp32 accumulator on chip.
 TRITON_MAX_DIM = 2048
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class ShardStats(NamedTuple):
-    """Per-row statistics of the logits of one class shard (or of all shards combined)."""
-
-    row_max: torch.Tensor  # [B] float32, max_j z_ij over the shard's classes
-    sum_exp: torch.Tensor  # [B] float32, Σ_j exp(z_ij − row_max)
-    target_logit: torch.Tensor  # [B] float32, z_iy where the shard holds y_i, else 0
 
 
 @dataclass(frozen=True)
@@ -752,19 +745,26 @@ def _reference_backward(embeddings, weight, labels, class_index, margin, lse, ta
 class _MarginSoftmaxCEFunction(torch.autograd.Function):
     """Per-row loss lse_i − z_iy; logits are recomputed tile by tile (chunk by chunk) in backward.
 
-    With ``combined`` statistics (sharded classes), lse and the target logit come from all shards,
-    and the gradients are this shard's: exact for ``weight``, this shard's share for embeddings.
+    With ``all_reduce``, ``weight`` is this rank's shard of the classes and ``labels`` hold the
+    target's position in it (−1 where another rank holds it): lse and the target logit then come
+    from all ranks, and the gradients are this rank's: exact for ``weight``, this rank's share for
+    the embeddings. Backward reads the saved lse and does not communicate.
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weight, labels, class_index, combined, margin, triton_path):
+    def forward(ctx, embeddings, weight, labels, class_index, all_reduce, margin, triton_path):
         forward = _triton_forward if triton_path else _reference_forward
         target_logit, slope, row_max, sum_exp, norms = forward(embeddings, weight, labels, class_index, margin)
-        if combined is None:
-            lse, total_target = row_max + torch.log(sum_exp), target_logit
-        else:
-            lse = combined.row_max.to(row_max.dtype) + torch.log(combined.sum_exp.to(row_max.dtype))
-            total_target = combined.target_logit.to(row_max.dtype)
+        total_target = target_logit
+        if all_reduce is not None:
+            # one MAX of the row maxima, then one SUM of Σexp rescaled to it and of the target logit
+            shard_max = row_max
+            row_max = shard_max.clone()
+            all_reduce(row_max, "max")
+            sums = torch.stack([sum_exp * torch.exp(shard_max - row_max), target_logit])
+            all_reduce(sums, "sum")
+            sum_exp, total_target = sums
+        lse = row_max + torch.log(sum_exp)
         ctx.margin, ctx.triton_path = margin, triton_path
         ctx.save_for_backward(embeddings, weight, labels, class_index, lse, target_logit, slope,
                               *(norms or (None, None)))
@@ -838,24 +838,27 @@ def _check_inputs(embeddings, weight, labels, class_index, *, allow_unowned: boo
     if not check_values:
         return
     # Reading values costs one host synchronisation; check_values=False skips it in a trusted loop.
-    low = -1 if allow_unowned else 0
-    where = "positions in class_index" if class_index is not None else "classes of weight"
     if class_index is not None:
-        sorted_index = class_index.sort().values
-        index_min, index_max = sorted_index[0].item(), sorted_index[-1].item()
-        if index_min < 0 or index_max >= weight.shape[0]:
-            raise ValueError(
-                f"class_index must be in [0, {weight.shape[0]}), got min {index_min}, max {index_max}"
-            )
-        repeats = (sorted_index[1:] == sorted_index[:-1]).nonzero()
-        if repeats.numel():
-            repeated = sorted_index[repeats[0, 0]].item()
-            raise ValueError(f"class_index must not repeat a class, got class {repeated} more than once")
+        _check_class_index_values(class_index, weight.shape[0])
+    where = "positions in class_index" if class_index is not None else "classes of weight"
+    _check_label_range(labels, low=-1 if allow_unowned else 0, high=n_classes, where=where)
+
+
+def _check_class_index_values(class_index: torch.Tensor, n_rows: int) -> None:
+    sorted_index = class_index.sort().values
+    index_min, index_max = sorted_index[0].item(), sorted_index[-1].item()
+    if index_min < 0 or index_max >= n_rows:
+        raise ValueError(f"class_index must be in [0, {n_rows}), got min {index_min}, max {index_max}")
+    repeats = (sorted_index[1:] == sorted_index[:-1]).nonzero()
+    if repeats.numel():
+        repeated = sorted_index[repeats[0, 0]].item()
+        raise ValueError(f"class_index must not repeat a class, got class {repeated} more than once")
+
+
+def _check_label_range(labels: torch.Tensor, *, low: int, high: int, where: str) -> None:
     label_min, label_max = labels.min().item(), labels.max().item()
-    if label_min < low or label_max >= n_classes:
-        raise ValueError(
-            f"labels must be in [{low}, {n_classes}) ({where}), got min {label_min}, max {label_max}"
-        )
+    if label_min < low or label_max >= high:
+        raise ValueError(f"labels must be in [{low}, {high}) ({where}), got min {label_min}, max {label_max}")
 
 
 def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -949,75 +952,67 @@ def margin_logits(
     return (s * logits).scatter(1, labels[:, None], target)
 
 
-def margin_ce_shard_stats(
+def margin_softmax_ce_sharded(
     embeddings: torch.Tensor,
     weight_shard: torch.Tensor,
     labels: torch.Tensor,
     *,
+    class_offset: int,
+    num_classes: int,
+    all_reduce: AllReduce | None = None,
+    class_index: torch.Tensor | None = None,
     s: float = 64.0,
     m1: float = 1.0,
     m2: float = 0.5,
     m3: float = 0.0,
-    class_index: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> ShardStats:
-    """Partial statistics of one class shard (no gradient).
-
-    ``labels`` [B] are shard-local: the target's row in ``weight_shard`` (or position in
-    ``class_index``) where this shard holds it, −1 where another shard does. Combine the shards'
-    stats as :func:`combine_shard_stats` does (all-reduce MAX of row_max, then SUM of the rescaled
-    sum_exp and of target_logit), then call :func:`margin_ce_shard_loss`.
-    """
-    margin = _Margin.build(s, m1, m2, m3, "exact")
-    _check_inputs(embeddings, weight_shard, labels, class_index, allow_unowned=True, check_values=check_values)
-    forward = _triton_forward if _triton_path(embeddings, weight_shard, labels) else _reference_forward
-    with torch.no_grad():
-        target_logit, _, row_max, sum_exp, _ = forward(embeddings, weight_shard, labels, class_index, margin)
-    return ShardStats(row_max, sum_exp, target_logit)
-
-
-def combine_shard_stats(shards: Sequence[ShardStats]) -> ShardStats:
-    """The statistics of all classes from those of disjoint shards (what the all-reduces compute)."""
-    if not shards:
-        raise ValueError("combine_shard_stats needs at least one shard, got none")
-    row_max, sum_exp = _combine_splits(torch.stack([shard.row_max for shard in shards]),
-                                       torch.stack([shard.sum_exp for shard in shards]))
-    return ShardStats(row_max, sum_exp, sum(shard.target_logit for shard in shards))
-
-
-def margin_ce_shard_loss(
-    embeddings: torch.Tensor,
-    weight_shard: torch.Tensor,
-    labels: torch.Tensor,
-    combined: ShardStats,
-    *,
-    s: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.5,
-    m3: float = 0.0,
-    class_index: torch.Tensor | None = None,
     reduction: str = "mean",
     margin_grad: str = "exact",
     check_values: bool = True,
 ) -> torch.Tensor:
-    """The full loss from ``combined`` statistics, differentiable with respect to this shard.
+    """:func:`margin_softmax_ce` over ``num_classes`` classes split by rank, from this rank's shard.
 
-    The value equals :func:`margin_softmax_ce` over all classes. Backward gives ``weight_shard``
-    its exact gradient and ``embeddings`` this shard's share: summed over shards (the distributed
-    layer's all-reduce / reduce-scatter) it is the exact gradient. ``labels`` as in
-    :func:`margin_ce_shard_stats`.
+    ``weight_shard`` [C_r, D] holds the global classes [class_offset, class_offset + C_r);
+    ``labels`` [B] are global, in [0, num_classes), and the same on every rank (as the embeddings
+    [B, D], e.g. all-gathered). ``all_reduce(tensor, op)`` combines the ranks (two calls per
+    forward, none in backward; see :mod:`facekd.kernels.common`); every rank returns the same loss,
+    and its backward gives ``weight_shard`` its exact gradient and the embeddings this rank's share,
+    to be summed over ranks. Without ``all_reduce`` the shard must hold every class
+    (``class_offset=0, num_classes=C_r``), and this is :func:`margin_softmax_ce`.
+
+    ``class_index`` [K] (int64, distinct rows of ``weight_shard``) restricts the classes this rank
+    uses this step (partial FC): the loss is then over the union of the ranks' sampled classes, and
+    the rank that owns a label's class must have sampled it (checked with ``check_values``, which
+    reads device values: one host synchronisation). Other arguments as :func:`margin_softmax_ce`.
     """
     margin = _Margin.build(s, m1, m2, m3, margin_grad)
     _check_reduction(reduction)
-    _check_inputs(embeddings, weight_shard, labels, class_index, allow_unowned=True, check_values=check_values)
-    batch = embeddings.shape[0]
-    for name, stat in zip(ShardStats._fields, combined):
-        if not isinstance(stat, torch.Tensor) or stat.shape != (batch,):
-            got = tuple(stat.shape) if isinstance(stat, torch.Tensor) else type(stat).__name__
-            raise ValueError(f"combined.{name} must be a tensor of shape ({batch},), got {got}")
-    combined = ShardStats(*(stat.detach() for stat in combined))
+    _check_inputs(embeddings, weight_shard, labels, class_index, allow_unowned=False, check_values=False)
+    shard_classes = weight_shard.shape[0]
+    if not 0 <= class_offset <= num_classes - shard_classes:
+        raise ValueError(f"the shard's classes [{class_offset}, {class_offset + shard_classes}) do not fit "
+                         f"in [0, {num_classes})")
+    if all_reduce is None and shard_classes != num_classes:
+        raise ValueError(f"without all_reduce the shard must hold all {num_classes} classes, "
+                         f"got {shard_classes}")
+    if check_values:
+        _check_label_range(labels, low=0, high=num_classes, where="global classes")
+        if class_index is not None:
+            _check_class_index_values(class_index, shard_classes)
+    # the target's position in this shard (in class_index when sampled), −1 where another rank owns it
+    shard_row = labels - class_offset
+    owned = (shard_row >= 0) & (shard_row < shard_classes)
+    shard_row = shard_row.clamp(0, shard_classes - 1)
+    if class_index is not None:
+        position = torch.full((shard_classes,), -1, dtype=torch.int64, device=labels.device)
+        position[class_index] = torch.arange(class_index.shape[0], device=labels.device)
+        shard_row = position[shard_row]
+        if check_values and bool((owned & (shard_row < 0)).any()):
+            missing = int(labels[owned & (shard_row < 0)][0])
+            raise ValueError(f"class_index must hold every label of this shard's classes (the owner samples "
+                             f"its positives), class {missing} (row {missing - class_offset}) is missing")
+    local_labels = torch.where(owned, shard_row, -1)
     rows = _MarginSoftmaxCEFunction.apply(
-        embeddings, weight_shard, labels, class_index, combined, margin,
+        embeddings, weight_shard, local_labels, class_index, all_reduce, margin,
         _triton_path(embeddings, weight_shard, labels))
     return _reduce(rows, reduction)
 
@@ -1068,22 +1063,21 @@ def _case_loss(margin_grad: str):
     return compute
 
 
-def _case_three_shards(inputs: dict) -> dict:
-    """Statistics of three uneven class shards combined, then each shard's loss and gradients."""
-    x, w, labels = _checks.leaf(inputs["embeddings"]), inputs["weight"], inputs["labels"]
-    n_classes = w.shape[0]
-    bounds = [0, n_classes // 3 + 1, 2 * n_classes // 3, n_classes]
-    shards = [(_checks.leaf(w[start:end]), torch.where((labels >= start) & (labels < end), labels - start, -1))
-              for start, end in zip(bounds[:-1], bounds[1:])]
-    combined = combine_shard_stats([margin_ce_shard_stats(x.detach(), shard.detach(), local, **_ARCFACE)
-                                    for shard, local in shards])
-    grad_x, grad_w = torch.zeros_like(x), []
-    for shard, local in shards:
-        rows = margin_ce_shard_loss(x, shard, local, combined, reduction="none", **_ARCFACE)
-        outputs = _checks.loss_and_gradients(rows, inputs["grad_rows"], embeddings=x, weight=shard)
-        grad_x += outputs["grad_embeddings"]  # the shards' shares, summed as the reduce-scatter would
-        grad_w.append(outputs["grad_weight"])
-    return {"loss": outputs["loss"], "grad_embeddings": grad_x, "grad_weight": torch.cat(grad_w)}
+def _case_three_ranks(inputs: dict) -> dict:
+    """Three uneven class shards on three simulated ranks; the ranks' embedding shares summed."""
+    x, w, labels = inputs["embeddings"], inputs["weight"], inputs["labels"]
+    bounds = _checks.class_bounds(w.shape[0], 3)
+
+    def rank(index: int, all_reduce) -> dict:
+        start, end = bounds[index]
+        embeddings, shard = _checks.leaf(x), _checks.leaf(w[start:end])
+        rows = margin_softmax_ce_sharded(embeddings, shard, labels, class_offset=start, num_classes=w.shape[0],
+                                         all_reduce=all_reduce, reduction="none", **_ARCFACE)
+        return _checks.loss_and_gradients(rows, inputs["grad_rows"], embeddings=embeddings, weight=shard)
+
+    outputs = _checks.run_ranks(len(bounds), rank)
+    return {"loss": outputs[0]["loss"], "grad_embeddings": sum(output["grad_embeddings"] for output in outputs),
+            "grad_weight": torch.cat([output["grad_weight"] for output in outputs])}
 
 
 _checks.register(*(
@@ -1092,6 +1086,6 @@ _checks.register(*(
         ("margin_ce/exact", _case_inputs, _case_loss("exact")),
         ("margin_ce/straight_through", _case_inputs, _case_loss("straight_through")),
         ("margin_ce/class_index", lambda *a: _case_inputs(*a, sampled=True), _case_loss("exact")),
-        ("margin_ce/shard_stats", _case_inputs, _case_three_shards),
+        ("margin_ce/three_ranks", _case_inputs, _case_three_ranks),
     )
 ))

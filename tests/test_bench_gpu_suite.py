@@ -65,7 +65,7 @@ def test_every_kernel_case_is_checked_and_failures_are_reported(dry_run):
     rows = summary["items"]["correctness"]["rows"]
     by_case = {(row["case"], row["dtype"]): row for row in rows}
     registered = [case.name for case in checks.all_cases()]
-    assert {"margin_ce/exact", "margin_ce/straight_through", "margin_ce/class_index", "margin_ce/shard_stats",
+    assert {"margin_ce/exact", "margin_ce/straight_through", "margin_ce/class_index", "margin_ce/three_ranks",
             "grouped_kd/logits/paper", "grouped_kd/logits/batch", "grouped_kd/logits/fixed",
             "grouped_kd/embeddings/paper", "grouped_kd/embeddings/batch",
             "grouped_kd/embeddings/fixed"} <= set(registered)

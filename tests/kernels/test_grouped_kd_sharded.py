@@ -1,4 +1,4 @@
-"""Grouped KD with the classes split over ranks (simulated by threads, see sim_ranks.py), against the
+"""Grouped KD with the classes split over ranks (threads, facekd.kernels.checks.run_ranks), against the
 float64 reference on the whole logits: the loss on every rank, each rank's shard gradients, and the
 embedding gradient summed over ranks."""
 import os
@@ -8,9 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from sim_ranks import SimulatedGroup, class_bounds, run_ranks  # noqa: E402
 
-from facekd.kernels.checks import Tolerance  # noqa: E402
+from facekd.kernels.checks import SimulatedGroup, Tolerance, class_bounds, run_ranks  # noqa: E402
 from facekd.kernels.grouped_kd import (  # noqa: E402
     TOLERANCES,
     cosine_logits,

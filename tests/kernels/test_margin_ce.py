@@ -20,10 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 import facekd.kernels.margin_ce as margin_ce  # noqa: E402
 from facekd.kernels.margin_ce import (  # noqa: E402
     TOLERANCES,
-    combine_shard_stats,
     cosine_logits,
-    margin_ce_shard_loss,
-    margin_ce_shard_stats,
     margin_softmax_ce,
 )
 
@@ -251,43 +248,6 @@ def test_class_index_gathers_rows(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharded classes: partial statistics combined by hand, as the all-reduces would
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
-def test_three_shards_reproduce_the_unsharded_loss(backend, margin_grad):
-    x, w, labels, grad_rows = problem(11, 41, 24, seed=8)
-    bounds = [0, 13, 29, 41]
-    labels[1:5] = torch.tensor([12, 13, 28, 29])  # either side of each shard border (and 40, 0 from problem)
-    margin = MARGINS["combined"]
-    shards = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        local = torch.where((labels >= start) & (labels < end), labels - start, -1)
-        shards.append((w[start:end].contiguous(), local))
-    combined = combine_shard_stats([margin_ce_shard_stats(x, ws, local, **margin) for ws, local in shards])
-
-    xs = leaf(x)
-    grad_w = []
-    for ws, local in shards:
-        ws = leaf(ws)
-        rows = margin_ce_shard_loss(xs, ws, local, combined, reduction="none", margin_grad=margin_grad, **margin)
-        rows.backward(grad_rows.float())  # xs.grad sums the shards' shares, like the reduce-scatter
-        grad_w.append(ws.grad)
-    expected = run_oracle(x, w, labels, grad_rows, straight_through=margin_grad == "straight_through", **margin)
-    got = (rows.detach().double(), xs.grad.double(), torch.cat(grad_w).double())
-    assert_matches(got, expected, TOLERANCES[torch.float32])
-
-
-def test_shard_stats_hold_the_target_once(backend):
-    x, w, labels, _ = problem(6, 20, 16, seed=9)
-    local = torch.where(labels < 10, labels, -1)
-    stats = margin_ce_shard_stats(x, w[:10].contiguous(), local, **ARCFACE)
-    assert torch.equal(stats.target_logit[local < 0], torch.zeros(int((local < 0).sum())))
-    assert (stats.sum_exp >= 1.0 - 1e-6).all()  # the row maximum itself contributes exp(0)
-
-
-# ---------------------------------------------------------------------------------------------
 # The fallback beyond θ* = π − m2 and the θ → 0 end
 # ---------------------------------------------------------------------------------------------
 
@@ -306,7 +266,8 @@ def test_fallback_is_monotone_and_continuous(backend):
     w[0, 0] = 2.0  # class 0 along e1: θ of row i is angles[i]; θ = 0 exactly in row 0
     x, w = x.float(), w.float()
     labels = torch.zeros(len(angles), dtype=torch.int64)
-    target = margin_ce_shard_stats(x, w, labels, s=s, m2=m2).target_logit.double()
+    forward = margin_ce._triton_forward if backend == "triton" else margin_ce._reference_forward
+    target = forward(x, w, labels, None, margin_ce._Margin.build(s, 1.0, m2, 0.0, "exact"))[0].double()
 
     expected = torch.where(angles <= theta_limit, torch.cos(angles + m2),
                            torch.cos(angles) - math.cos(theta_limit) - 1.0) * s
@@ -377,14 +338,6 @@ def test_errors_name_the_bad_value(backend, message, override):
     args.update({key: value for key, value in override.items() if key in args})
     with pytest.raises((ValueError, TypeError), match=message):
         margin_softmax_ce(args["embeddings"], args["weight"], args["labels"], **options)
-
-
-def test_shard_loss_checks_combined_stats():
-    x, w, labels, _ = problem(4, 6, 8)
-    stats = margin_ce_shard_stats(x, w, labels)
-    short = stats._replace(sum_exp=stats.sum_exp[:3])
-    with pytest.raises(ValueError, match="combined.sum_exp must be a tensor of shape \\(4,\\)"):
-        margin_ce_shard_loss(x, w, labels, short)
 
 
 # ---------------------------------------------------------------------------------------------
