@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,7 +31,7 @@ from facekd.errors import CheckpointError
 
 __all__ = [
     "checkpoint_path", "clean_partial_checkpoints", "latest_checkpoint", "latest_intact_checkpoint",
-    "list_checkpoints", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "list_checkpoints", "load_checkpoint", "read_file", "save_checkpoint", "verify_checkpoint", "write_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,42 +87,85 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _save_file(value: Any, path: Path) -> None:
+    """``torch.save`` of ``value`` to ``path``, flushed to disk."""
+    with open(path, "wb") as f:
+        torch.save(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _index(partial: Path, step: int) -> dict[str, Any]:
+    """The index of every file under ``partial`` (relative paths), hashed from the bytes on disk."""
+    files = sorted(path for path in partial.rglob("*") if path.is_file())
+    return {"format": INDEX_FORMAT, "step": step,
+            "files": {path.relative_to(partial).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+                      for path in files}}
+
+
+def write_checkpoint(
+    folder: str | os.PathLike[str], step: int, write: Callable[[Path], None], *, world: Any = None, keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically: ``write(partial_folder)`` puts this process's files in it.
+
+    With ``world`` (a :class:`facekd.distributed.world.World` of several ranks) every rank calls this at the
+    same step and writes its own files into the same partial folder (a shared file system); after a barrier
+    rank 0 writes the index of all of them, renames the folder and deletes all but the ``keep`` newest, and a
+    second barrier lets no rank run ahead of a checkpoint that is not yet complete. A rank killed in between
+    leaves only a partial folder, which is never loaded: the previous checkpoint stays the newest.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    main = world is None or world.is_main
+    final = checkpoint_path(folder, step)
+    partial = final.parent / f".{final.name}.partial.{socket.gethostname().split('.')[0]}.{os.getpid()}"
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    if world is not None:
+        partial = Path(world.broadcast_object(str(partial)))
+    try:
+        write(partial)
+        if world is not None:
+            world.barrier()
+        if main:
+            index = _index(partial, step)
+            with open(partial / INDEX, "w") as f:  # written last: its presence marks the checkpoint whole
+                json.dump(index, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync(partial)
+            if final.exists():  # a damaged checkpoint of this step, skipped by the resume: replace it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync(final.parent)
+            for _, old in list_checkpoints(folder)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if world is not None:
+        world.barrier()
+    return final
+
+
 def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step: int, *, keep: int = 2) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the ``keep`` newest.
+    """Write ``state`` as the checkpoint of ``step`` of one process atomically (see :func:`write_checkpoint`).
 
     ``state`` must hold only tensors, numbers, strings, and lists/tuples/dicts of them (what
     ``torch.load(weights_only=True)`` reads back).
     """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    final = checkpoint_path(folder, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.partial.{socket.gethostname().split('.')[0]}.{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    return write_checkpoint(folder, step, lambda partial: _save_file(state, partial / STATE), keep=keep)
+
+
+def read_file(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """A file of a (verified) checkpoint, read with ``weights_only=True``; errors name the file."""
     try:
-        with open(partial / STATE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # the digest is of the bytes on disk, read back, so it also covers what the write itself produced
-        index = {"format": INDEX_FORMAT, "step": step,
-                 "files": {STATE: {"size": (partial / STATE).stat().st_size, "sha256": _sha256(partial / STATE)}}}
-        with open(partial / INDEX, "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(partial)
-        if final.exists():  # a damaged checkpoint of this step, skipped by the resume: replace it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _fsync(final.parent)
-    for _, old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
+        raise CheckpointError(f"checkpoint file {path} cannot be read safely: {error}") from error
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> None:
@@ -181,10 +224,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is not a facekd checkpoint (a step_* folder holding {INDEX} and {STATE})")
     if verify:
         verify_checkpoint(path)
-    try:
-        state = torch.load(path / STATE, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
-        raise CheckpointError(f"checkpoint {path / STATE} cannot be read safely: {error}") from error
+    state = read_file(path / STATE, map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path / STATE} should hold a dict, got {type(state).__name__}")
     return state

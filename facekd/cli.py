@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from facekd.errors import DataError, FacekdError
+from facekd.errors import DataError, FacekdError, TrainingError
 
 __all__ = ["main"]
 
@@ -48,11 +49,40 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from facekd.config import load_job
+
+    job = load_job(args.job, args.set)  # checked here, before any rank starts
+    if args.nproc_per_node is not None:
+        _launch_local(args)
+        return
+    from facekd.distributed.world import launched_by_a_launcher
     from facekd.train import Trainer
 
-    job = load_job(args.job, args.set)
-    summary = Trainer(job, resume=args.resume).fit()
-    print(json.dumps(summary, indent=2))
+    trainer = Trainer(job, resume=args.resume)
+    try:
+        summary = trainer.fit()
+    finally:
+        if launched_by_a_launcher() and trainer.world is not None:
+            trainer.world.close()
+    if trainer.world.is_main:
+        print(json.dumps(summary, indent=2))
+
+
+def _launch_local(args: argparse.Namespace) -> None:
+    """``--nproc-per-node N``: the same command under torchrun on this machine (a free port on loopback)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+               "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "facekd"]
+    command += ["--debug"] * args.debug + ["--verbose"] * args.verbose + ["train", str(args.job)]
+    command += ["--resume"] * args.resume + [part for item in args.set for part in ("--set", item)]
+    returncode = subprocess.call(command)
+    if returncode != 0:
+        raise TrainingError(f"{args.nproc_per_node} ranks of {args.job} ended with exit status {returncode} "
+                            "(each rank's error is printed above)")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -130,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a key of the spec (repeatable), e.g. --set train.steps=100")
+    train.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="N",
+                       help="run N ranks on this machine (torchrun); for several machines use torchrun itself: "
+                            "torchrun --nnodes M --nproc-per-node N -m facekd train JOB.yaml")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")
@@ -159,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = int(os.environ.get("RANK", "0")) != 0  # ranks other than 0 report only problems
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.handler(args)
@@ -168,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(error).split())
-        print(f"facekd: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = "" if rank is None else f"rank {rank}: "
+        print(f"facekd: error: {where}{message}", file=sys.stderr)
         return 2
     return 0

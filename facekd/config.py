@@ -81,9 +81,13 @@ class HeadConfig:
     """Additive cosine margin (CosFace); 0 disables it."""
     margin_grad: Literal["exact", "straight_through"] = "exact"
     """``straight_through`` reproduces insightface's backward (margin applied under no_grad)."""
+    sample_rate: float = 1.0
+    """Partial FC (insightface v2): the fraction of each rank's classes the margin loss uses per step, every
+    class of the global batch included; 1 uses all. Distillation terms always see all classes."""
 
     def __post_init__(self) -> None:
         _check(self.s > 0, "s", f"must be positive, got {self.s}")
+        _check(0 < self.sample_rate <= 1, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
         _check(self.m1 >= 1, "m1", f"must be >= 1, got {self.m1}")
         _check(0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, π/2) radians, got {self.m2}")
         _check(0 <= self.m3 < 1, "m3", f"must be in [0, 1), got {self.m3}")
@@ -336,7 +340,7 @@ class TrainConfig:
     """Length of the whole run in epochs (the manifest's samples over the batch of all ranks), instead of
     ``steps``."""
     batch_size: int = 128
-    """Images per step on each rank."""
+    """Images per step on each rank (the global batch is this times the number of ranks)."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -384,6 +388,10 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed's own configuration (``zero_optimization``, ``bf16``, ``communication_data_type``, ...), passed
+    to ``deepspeed.initialize`` unchanged when the job runs on several ranks. Batch size, learning rate,
+    optimiser and clipping come from the sections above; the same keys here must agree with them."""
 
     def __post_init__(self) -> None:
         if self.data.unlabeled_manifest is not None:
@@ -416,6 +424,8 @@ _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against the type ``hint``; returns it (ints widen to float)."""
     origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, source, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):

@@ -504,7 +504,7 @@ def evaluate_checkpoints(
     ``out_dir/roc.png``; returns the rows with their curves. ``names`` label the networks (default: the
     job name stored in each checkpoint).
     """
-    from facekd.train import load_network, resolve_device  # training pulls in the data and model stacks
+    from facekd.network import load_network, resolve_device
 
     if not checkpoints or not bins:
         raise ValueError(f"need at least one checkpoint and one .bin, got {len(checkpoints)} and {len(bins)}")
@@ -513,7 +513,7 @@ def evaluate_checkpoints(
     torch_device = resolve_device(device)
     rows = []
     for index, checkpoint in enumerate(checkpoints):
-        network = load_network(checkpoint, torch_device)
+        network = load_network(checkpoint, torch_device, with_head=False)
         name = network.job.name if names is None else names[index]
         for bin_path in bins:
             rows.append(evaluate_bin(

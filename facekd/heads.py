@@ -2,8 +2,8 @@
 
 The loss is :func:`facekd.kernels.margin_softmax_ce` (ArcFace/CosFace/combined margin), which takes
 the fused Triton kernel or the plain-torch reference through ``FACEKD_KERNEL_BACKEND``. The head
-owns its centres as one [C, D] parameter, so that the distributed layer can later replace it by a
-class shard without the training step noticing.
+is a :class:`facekd.distributed.classifier.ShardedClassifier`: all [C, D] centres in one process, its
+class shard [C_r, D] on each rank of a distributed run.
 
 Logits a loss reads are formed in fp32 (float64 stays float64) whatever autocast encloses the call:
 at s = 64 bf16 logits above 32 are rounded to steps of 0.25, before a softmax over tens of thousands
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from facekd.config import HeadConfig
-from facekd.kernels import margin_softmax_ce
+from facekd.distributed.classifier import ShardedClassifier
+from facekd.distributed.world import World
 from facekd.kernels.backend import full_precision, reference_dtype
-from facekd.kernels.margin_ce import cosine_logits, margin_logits
+from facekd.kernels.margin_ce import _Margin, cosine_logits, margin_logits, reference_margin_target
 
 __all__ = ["MarginHead", "logit_dtype"]
 
@@ -29,49 +30,40 @@ def logit_dtype(tensor: torch.Tensor) -> torch.dtype:
     return reference_dtype(tensor.dtype)
 
 
-# insightface arcface_torch initialises the centres from N(0, 0.01²)
-CENTRE_INIT_STD = 0.01
+class MarginHead(ShardedClassifier):
+    """Class centres ``weight`` [C_r, D] with the margin ``s·(cos(m1·θ + m2) − m3)`` on the target class.
 
+    One process holds all C classes; under a distributed ``world`` each rank holds its shard (see
+    :class:`facekd.distributed.classifier.ShardedClassifier`). ``num_classes`` is C either way.
+    """
 
-class MarginHead(nn.Module):
-    """Class centres ``weight`` [C, D] with the margin ``s·(cos(m1·θ + m2) − m3)`` on the target class."""
-
-    def __init__(self, num_classes: int, embedding_dim: int, config: HeadConfig) -> None:
-        super().__init__()
-        if num_classes < 1 or embedding_dim < 1:
-            raise ValueError(
-                f"a head needs num_classes >= 1 and embedding_dim >= 1, got {num_classes}, {embedding_dim}")
+    def __init__(self, num_classes: int, embedding_dim: int, config: HeadConfig, *, world: World | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(num_classes, embedding_dim, s=config.s, m1=config.m1, m2=config.m2, m3=config.m3,
+                         margin_grad=config.margin_grad, world=world, sample_rate=config.sample_rate, seed=seed)
         self.config = config
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim).normal_(0.0, CENTRE_INIT_STD))
-
-    @property
-    def num_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean margin-softmax cross-entropy of ``embeddings`` [B, D] with ``labels`` [B] in [0, C).
-
-        Labels come from the loader, which already checked them against the manifest, so the kernel's
-        value checks (a host synchronisation) are skipped inside the step loop.
-        """
-        c = self.config
-        return margin_softmax_ce(
-            embeddings.to(self.weight.dtype), self.weight, labels, s=c.s, m1=c.m1, m2=c.m2, m3=c.m3,
-            margin_grad=c.margin_grad, check_values=False,
-        )
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Margin-free logits ``s·cos θ`` [B, C] (what the logit-based distillation methods compare), in
-        fp32 at least, also under autocast."""
+        """Margin-free logits ``s·cos θ`` [B, C_r] of this shard's classes (what the logit-based distillation
+        methods compare), in fp32 at least, also under autocast."""
         dtype = logit_dtype(self.weight)
         with full_precision(embeddings.device):
             return cosine_logits(embeddings.to(dtype), self.weight.to(dtype), s=self.config.s)
 
     def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The logits the margin loss sees [B, C], the margin on each row's ``labels`` column (the GKD
-        authors' code distils these); fp32 at least, also under autocast. Materialises B×C."""
+        """The logits the margin loss sees [B, C_r], the margin on each row's ``labels`` column where this
+        shard holds it (the GKD authors' code distils these); fp32 at least, also under autocast."""
         c = self.config
         dtype = logit_dtype(self.weight)
         with full_precision(embeddings.device):
-            return margin_logits(embeddings.to(dtype), self.weight.to(dtype), labels, s=c.s, m1=c.m1, m2=c.m2,
-                                 m3=c.m3)
+            if not self.sharded:
+                return margin_logits(embeddings.to(dtype), self.weight.to(dtype), labels, s=c.s, m1=c.m1,
+                                     m2=c.m2, m3=c.m3)
+            logits = cosine_logits(embeddings.to(dtype), self.weight.to(dtype), s=1.0)
+            local = labels - self.class_offset
+            owned = (local >= 0) & (local < self.num_local)
+            column = local.clamp(0, self.num_local - 1)[:, None]
+            margin = _Margin.build(c.s, c.m1, c.m2, c.m3, "exact")
+            target, _ = reference_margin_target(logits.gather(1, column).clamp(-1 + 1e-7, 1 - 1e-7), margin)
+            margined = (c.s * logits).scatter(1, column, target)
+            return torch.where(owned[:, None], margined, c.s * logits)

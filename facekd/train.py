@@ -1,10 +1,21 @@
 """The training loop: a teacher on labels, or a student on labels plus distillation from a frozen teacher.
 
-One process, one device for now; the parts are built in a fixed order so that the distributed layer
-can wrap them (data split by rank, a sharded head, an engine around the backbone) without changing
-the step. A run is resumable: a checkpoint holds the backbone, head, optimiser, scheduler and step,
-and the data stream is a pure function of the step (see :mod:`facekd.data.loader`), so a resumed run
-receives exactly the batches an uninterrupted one would have.
+One loop serves one process and many. The parts are built in a fixed order (world → data → networks →
+teacher and distillation → optimiser after the engine → checkpoint restore), and the step reads top to
+bottom: forward, gather the global batch when the classifier is sharded, margin loss, distillation,
+update. Under a launcher (torchrun, DeepSpeed's, Ray Train) every rank reads its part of the shards, holds
+its class shard of each classifier, and runs the backbone and adapters in a DeepSpeed engine (see
+:mod:`facekd.distributed.engine`); logs, TensorBoard, the progress bar and evaluation come from rank 0.
+
+A run is resumable: a checkpoint holds the networks, the optimiser state, the step and the RNG states, and
+the data stream is a pure function of the step (see :mod:`facekd.data.loader`), so a resumed run receives
+exactly the batches an uninterrupted one would have. Checkpoint layouts:
+
+* one process: ``step_N/state.pt`` (job, step, backbone, head, adapters, optimiser, RNG);
+* several ranks: ``step_N/state.pt`` from rank 0 (job, step, world size, backbone, adapters, where each
+  classifier shard is), ``step_N/classifier/rank_RRRRR.pt`` from every rank (its centres, their momentum,
+  its RNG state), ``step_N/deepspeed/`` (DeepSpeed's own checkpoint of the engine and its ZeRO state),
+  and the index over all of them, written last by rank 0 after a barrier.
 """
 from __future__ import annotations
 
@@ -13,7 +24,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,58 +33,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from facekd.config import HeadConfig, JobConfig, ModelConfig, OptimConfig, job_from_dict, job_to_dict
+from facekd.config import JobConfig, OptimConfig, job_from_dict, job_to_dict
 from facekd.data.convert import read_manifest
 from facekd.data.loader import build_train_loader, epoch_length, to_float
-from facekd.distill.distiller import Distiller, Outputs
+from facekd.distill.distiller import Distiller, Outputs, gather_batch
 from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import (
-    clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+    STATE, _save_file, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
+    read_file, write_checkpoint,
 )
-from facekd.errors import CheckpointError, ConfigError, TrainingError
+from facekd.distributed.engine import DeepSpeedOptimiser, LocalOptimiser, deepspeed_config
+from facekd.distributed.world import World, launched_by_a_launcher
+from facekd.errors import CheckpointError, ConfigError, FacekdError, TrainingError
 from facekd.heads import MarginHead
-from facekd.models import StagedBackbone, build_backbone
+from facekd.models import StagedBackbone
+from facekd.network import (
+    CHECKPOINT_FORMAT, autocast_for, build_network, head_rows, load_network, resolve_device, resolve_precision,
+)
 
-__all__ = ["Network", "Schedule", "Trainer", "load_network", "lr_factor", "resolve_device", "resolve_precision"]
+__all__ = ["Schedule", "Trainer", "batches_per_epoch", "build_optimizer", "lr_factor"]
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class Network:
-    """A backbone and its classifier head, with the job that trained them."""
-
-    backbone: StagedBackbone
-    head: MarginHead
-    job: JobConfig
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``auto``: the GPU when there is one; ``cuda`` without one is an error."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype of the backbones: ``auto`` is bf16 on a GPU that has it, fp32 elsewhere."""
-    if requested == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    if requested == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return _DTYPES[requested]
-
-
-def autocast_for(device: torch.device, precision: str) -> tuple[Any, torch.dtype]:
-    """The autocast context of the backbones for ``train.precision`` (a null context for fp32), and its dtype."""
-    dtype = resolve_precision(precision, device)
-    return (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()), dtype
 
 
 def build_optimizer(optim: OptimConfig, parameters: list[nn.Parameter], device: torch.device) -> torch.optim.SGD:
@@ -128,34 +107,6 @@ def batches_per_epoch(job: JobConfig, world_size: int = 1) -> int:
     return epoch_length(manifest["num_samples"], job.train.batch_size, world_size)
 
 
-def build_network(
-    model: ModelConfig, head: HeadConfig, num_classes: int, image_size: int
-) -> tuple[StagedBackbone, MarginHead]:
-    """A freshly initialised backbone and head."""
-    backbone = build_backbone(
-        model.backbone, embedding_dim=model.embedding_dim, width=model.width, image_size=image_size,
-        dropout=model.dropout,
-    )
-    return backbone, MarginHead(num_classes, model.embedding_dim, head)
-
-
-def load_network(path: str | Path, device: torch.device | str = "cpu") -> Network:
-    """The backbone and head stored in a ``facekd train`` checkpoint (or a run folder's newest), in eval mode."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    state = load_checkpoint(path)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
-    job = job_from_dict(state["job"], source=f"job stored in {path}")
-    backbone, head = build_network(job.model, job.head, state["num_classes"], job.data.image_size)
-    backbone.load_state_dict(state["backbone"])
-    head.load_state_dict(state["head"])
-    backbone.to(device).eval()
-    head.to(device).eval()
-    return Network(backbone, head, job)
-
-
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite (one host synchronisation)."""
     return bool(torch.stack([tensor.detach().isfinite().all() for tensor in tensors]).all())
@@ -183,55 +134,72 @@ class _LogWindow:
         self.steps += 1
         self.skipped += skipped
 
-    def all_finite(self) -> bool:
-        """Whether every loss added since the last :meth:`read` was finite (a non-finite one poisons the sums)."""
-        return bool(self.sums.isfinite().all())
+    def all_finite(self, world: World) -> bool:
+        """Whether every loss added on every rank since the last :meth:`read` was finite (a non-finite one
+        poisons the sums); all ranks get the same answer, so all stop together."""
+        return _agree(world, bool(self.sums.isfinite().all()))
 
-    def read(self, batch_size: int) -> tuple[float, float, float]:
-        """(mean label loss, mean distillation loss, images/s) of the window, which then starts again."""
-        label_mean, distill_mean = (self.sums / self.steps).tolist()
-        images_per_second = self.steps * batch_size / (time.perf_counter() - self.start)
+    def read(self, batch_size: int, world: World) -> tuple[float, float, float]:
+        """(mean label loss, mean distillation loss, images/s) of the window over all ranks; it then starts
+        again. The label loss is the same on every rank; the distillation loss averages the ranks' per-sample
+        terms, as the data-parallel engine averages their gradients."""
+        sums = self.sums.clone()
+        world.all_reduce(sums, "sum")
+        label_mean, distill_mean = (sums / (self.steps * world.world_size)).tolist()
+        label_mean = label_mean if not world.distributed else label_mean  # every rank holds the same label loss
+        images_per_second = self.steps * batch_size * world.world_size / (time.perf_counter() - self.start)
         self.sums.zero_()
         self.steps, self.start = 0, time.perf_counter()
         return label_mean, distill_mean, images_per_second
+
+
+def _agree(world: World, ok: bool) -> bool:
+    """``ok`` on every rank (one tiny all-reduce), so that a decision to stop is taken by all ranks at once."""
+    if world.world_size == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=world.device)
+    world.all_reduce(flag, "max")
+    return flag.item() == 0.0
 
 
 @dataclass
 class _Run:
     """The parts of one training run, built by :meth:`Trainer._build` in a fixed order."""
 
-    device: torch.device
+    world: World
     autocast: Any  # torch.autocast, or a null context for fp32
     step: int
-    loader: Any  # ShardLoader of the labeled shards
+    loader: Any  # ShardLoader of the labeled shards (this rank's part)
     unlabeled: Any  # iterator of unlabeled batches, or None
     backbone: StagedBackbone
-    head: MarginHead
+    head: MarginHead  # this rank's class shard under a distributed world
     teacher: StagedBackbone | None
     distiller: Distiller
-    parameters: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    optimiser: LocalOptimiser | DeepSpeedOptimiser
+    lr: float = 0.0  # the learning rate of the last step
 
-    def state(self, job: JobConfig) -> dict[str, Any]:
-        """What a checkpoint holds: enough to continue exactly where the run is."""
-        return {
-            "format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": self.loader.num_classes,
-            "step": self.step, "backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
-            "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+
+def _classifier_file(rank: int) -> str:
+    return f"classifier/rank_{rank:05d}.pt"
 
 
 class Trainer:
-    """Trains the network of one job spec; :meth:`fit` runs it to its last step (or resumes it)."""
+    """Trains the network of one job spec; :meth:`fit` runs it to its last step (or resumes it).
 
-    def __init__(self, job: JobConfig, *, resume: bool = False, progress: bool = True) -> None:
+    ``world``: the ranks to train on; by default one process, or the job a launcher describes in the
+    environment (``RANK``, ``WORLD_SIZE``, ...).
+    """
+
+    def __init__(self, job: JobConfig, *, resume: bool = False, progress: bool = True,
+                 world: World | None = None) -> None:
         self.job = job
         self.resume = resume
         self.progress = progress
+        self.world = world
         self.output_dir = Path(job.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.last_checkpoint: Path | None = None  # the newest checkpoint known to hold a good state
@@ -243,50 +211,57 @@ class Trainer:
         for time-sliced runs); a later ``resume=True`` run continues from the last checkpoint.
         """
         job, train = self.job, self.job.train
-        self.schedule = Schedule.of(job, batches_per_epoch(job))
+        # join the ranks (a launcher's environment) or run as one process
+        if self.world is None:
+            launched = launched_by_a_launcher()
+            self.world = World.from_env(train.device) if launched else World.single(resolve_device(train.device))
+        world = self.world
+        self.schedule = Schedule.of(job, batches_per_epoch(job, world.world_size))
         total = self.schedule.total_steps
-        state = self._resume_state()
+        state, folder = self._resume_state()
         if state and state["step"] >= total:
             logger.info("%s already finished: checkpoint at step %d of %d", job.name, state["step"], total)
             return {"name": job.name, "step": state["step"], "steps_run": 0, "checkpoint": str(self.last_checkpoint)}
-        run = self._build(state)
+        run = self._build(state, folder)
         last_step = total if stop_after is None else min(total, run.step + stop_after)
         summary = self._train(run, last_step)
-        # evaluate the finished network on the job's verification sets
-        if run.step == total and job.eval.bins:
+        # evaluate the finished network on the job's verification sets (rank 0)
+        if run.step == total and job.eval.bins and world.is_main:
             from facekd.eval import evaluate_checkpoints
 
             rows = evaluate_checkpoints([self.checkpoint_dir], job.eval.bins, out_dir=self.output_dir / "eval",
-                                        device=train.device, batch_size=job.eval.batch_size, progress=self.progress)
+                                        device=str(world.device.type), batch_size=job.eval.batch_size,
+                                        progress=self.progress)
             summary["verification"] = {row["dataset"]: row["accuracy"] for row in rows}
         return summary
 
-    def _build(self, state: dict[str, Any] | None) -> _Run:
-        job, train = self.job, self.job.train
-        # pick the device and numerics
-        device = resolve_device(train.device)
+    def _build(self, state: dict[str, Any] | None, folder: Path | None) -> _Run:
+        job, train, world = self.job, self.job.train, self.world
+        # pick the numerics; every rank draws the same backbone (the classifier shards draw their own rows)
+        device = world.device
         autocast, autocast_dtype = autocast_for(device, train.precision)
         torch.manual_seed(train.seed)
         step = state["step"] if state else 0
 
-        # build the data streams, positioned at the step (the unlabeled one only for SRRL's extension)
+        # build this rank's data streams, positioned at the step (the unlabeled one only for SRRL's extension)
         loader = build_train_loader(
-            job.data.manifest, batch_size=train.batch_size, image_size=job.data.image_size,
-            num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed,
-            start_batch=step, resampled=job.data.resampled, base_url=job.data.base_url,
+            job.data.manifest, batch_size=train.batch_size, image_size=job.data.image_size, rank=world.rank,
+            world_size=world.world_size, num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer,
+            seed=train.seed, start_batch=step, resampled=job.data.resampled, base_url=job.data.base_url,
             pin_memory=device.type == "cuda", uint8_pixels=True,
         )
         unlabeled = None
         if job.data.unlabeled_manifest is not None:
             unlabeled = iter(build_train_loader(
                 job.data.unlabeled_manifest, batch_size=train.batch_size, image_size=job.data.image_size,
-                num_workers=job.data.num_workers, shuffle_buffer=job.data.shuffle_buffer, seed=train.seed + 1,
-                start_batch=step, resampled=True, pin_memory=device.type == "cuda", use_labels=False,
-                uint8_pixels=True,
+                rank=world.rank, world_size=world.world_size, num_workers=job.data.num_workers,
+                shuffle_buffer=job.data.shuffle_buffer, seed=train.seed + 1, start_batch=step, resampled=True,
+                pin_memory=device.type == "cuda", use_labels=False, uint8_pixels=True,
             ))
 
-        # build the student (or teacher) backbone and head
-        backbone, head = build_network(job.model, job.head, loader.num_classes, job.data.image_size)
+        # build the student (or teacher) backbone and this rank's shard of its head
+        backbone, head = build_network(job.model, job.head, loader.num_classes, job.data.image_size,
+                                       world=world if world.distributed else None, seed=train.seed)
         if job.model.init_from and not state:
             self._initialise(backbone, head)
         backbone.to(device).train()
@@ -295,43 +270,99 @@ class Trainer:
         # build the frozen teacher and the distillation terms with their adapters
         teacher, distiller = self._build_distillation(backbone, head, loader.batches_per_epoch, device)
 
-        # build the optimiser and schedule over every trained parameter
-        parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
-        optimizer = build_optimizer(job.optim, parameters, device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job, self.schedule))
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+        # build the optimisers: the engine over backbone and adapters, the classifier shard beside it
+        optim = job.optim
+        if world.distributed:
+            config = deepspeed_config(job.deepspeed, micro_batch=train.batch_size, world_size=world.world_size,
+                                      clip_grad_norm=optim.clip_grad_norm, precision=autocast_dtype)
+            optimiser = DeepSpeedOptimiser(
+                nn.ModuleDict({"backbone": backbone, "distiller": distiller}), head,
+                build_sgd=lambda parameters: build_optimizer(optim, parameters, device), config=config, world=world,
+                clip_grad_norm=optim.clip_grad_norm)
+        else:
+            parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
+            optimiser = LocalOptimiser(build_optimizer(optim, parameters, device), parameters,
+                                       clip_grad_norm=optim.clip_grad_norm, fp16=autocast_dtype == torch.float16,
+                                       device=device)
+        run = _Run(world, autocast, step, loader, unlabeled, backbone, head, teacher, distiller, optimiser)
 
         # restore the checkpoint
         if state:
-            if state["num_classes"] != loader.num_classes:
-                raise CheckpointError(
-                    f"{self.last_checkpoint} holds a head of {state['num_classes']} classes, but "
-                    f"{job.data.manifest} now has {loader.num_classes}: resume only on the data the run started on"
-                )
-            backbone.load_state_dict(state["backbone"])
-            head.load_state_dict(state["head"])
-            distiller.load_state_dict(state["distiller"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            self._restore(run, state, folder)
+        return run
+
+    def _restore(self, run: _Run, state: dict[str, Any], folder: Path) -> None:
+        """Load a checkpoint into ``run``: exactly, when it was written by as many ranks; otherwise the weights
+        (the classifier re-sharded) with the optimiser state restarted."""
+        world = run.world
+        if state["num_classes"] != run.loader.num_classes:
+            raise CheckpointError(
+                f"{folder} holds a head of {state['num_classes']} classes, but {self.job.data.manifest} now has "
+                f"{run.loader.num_classes}: resume only on the data the run started on"
+            )
+        run.backbone.load_state_dict(state["backbone"])
+        run.distiller.load_state_dict(state["distiller"])
+        head = run.head
+        head.load_rows(head_rows(folder, state, head.class_offset, head.class_offset + head.num_local))
+        written_by = state.get("world_size", 1) if "classifier" in state else None  # None: one process's
+        if not world.distributed and written_by is None:
+            run.optimiser.load_state_dict(state)
             torch.set_rng_state(state["torch_rng"])
-            logger.info("%s: resumed from step %d", job.name, step)
-        return _Run(device, autocast, step, loader, unlabeled, backbone, head, teacher, distiller, parameters,
-                    optimizer, scheduler, scaler)
+        elif world.distributed and written_by == world.world_size:
+            run.optimiser.load(folder, optimizer_states=True)
+            mine = read_file(folder / _classifier_file(world.rank))
+            run.optimiser.classifier_optimizer.load_state_dict(mine["optimizer"])
+            torch.set_rng_state(mine["torch_rng"])
+        else:
+            logger.warning(
+                "%s: the checkpoint was written by %s, this run has %d: weights restored (classifier re-sharded), "
+                "optimiser state (momentum, ZeRO partitions) restarted", self.job.name,
+                "one process" if written_by is None else f"{written_by} ranks", world.world_size)
+        logger.info("%s: resumed from step %d", self.job.name, state["step"])
+
+    def _save(self, run: _Run) -> Path:
+        """Write the checkpoint of ``run.step`` (every rank its part, see the module docstring)."""
+        job, world = self.job, run.world
+        common = {"format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": run.loader.num_classes,
+                  "step": run.step, "backbone": run.backbone.state_dict(), "distiller": run.distiller.state_dict()}
+        if not world.distributed:
+            state = {**common, "head": run.head.state_dict(), **run.optimiser.state_dict(),
+                     "torch_rng": torch.get_rng_state()}
+            return write_checkpoint(self.checkpoint_dir, run.step, lambda partial: _save_file(state, partial / STATE),
+                                    keep=job.train.keep_checkpoints)
+        from facekd.distributed.classifier import shard_range
+
+        def write(partial: Path) -> None:
+            if world.is_main:
+                shards = []
+                for rank in range(world.world_size):
+                    start, end = shard_range(run.head.num_classes, world.world_size, rank)
+                    shards.append({"file": _classifier_file(rank), "class_offset": start, "rows": end - start})
+                _save_file({**common, "world_size": world.world_size, "classifier": shards}, partial / STATE)
+            (partial / "classifier").mkdir(exist_ok=True)
+            _save_file({"class_offset": run.head.class_offset, "weight": run.head.weight.detach(),
+                        "optimizer": run.optimiser.classifier_optimizer.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, partial / _classifier_file(world.rank))
+            run.optimiser.save(partial)
+
+        return write_checkpoint(self.checkpoint_dir, run.step, write, world=world, keep=job.train.keep_checkpoints)
 
     def _train(self, run: _Run, last_step: int) -> dict[str, Any]:
         """Steps until ``last_step`` with logging and checkpoints; returns the run's summary."""
-        job, train = self.job, self.job.train
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "job.json").write_text(json.dumps(job_to_dict(job), indent=2) + "\n")
-        from torch.utils.tensorboard import SummaryWriter
+        job, train, world = self.job, self.job.train, run.world
+        main = world.is_main
+        writer = None
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "job.json").write_text(json.dumps(job_to_dict(job), indent=2) + "\n")
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=run.step)
+            writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=run.step)
         window = _LogWindow(run.device)
         start_step, run_start = run.step, time.perf_counter()
         images_per_second = final_loss = float("nan")
         bar = tqdm(total=self.schedule.total_steps, initial=run.step, desc=job.name, unit="step",
-                   disable=not self.progress)
+                   disable=not (self.progress and main))
         batches = iter(run.loader)
         try:
             while run.step < last_step:
@@ -343,43 +374,45 @@ class Trainer:
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
                     steps = f"steps {run.step - window.steps + 1}-{run.step}" if window.steps > 1 else f"step {run.step}"
-                    label_mean, distill_mean, images_per_second = window.read(train.batch_size)
+                    label_mean, distill_mean, images_per_second = window.read(train.batch_size, world)
                     final_loss = label_mean + distill_mean
                     if not math.isfinite(final_loss):
                         self._diverged(f"the loss became {final_loss} in {steps}")
-                    lr = run.scheduler.get_last_lr()[0]
-                    for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean), ("lr", lr),
-                                       ("images_per_second", images_per_second)):
-                        writer.add_scalar(tag, value, run.step)
-                    postfix = {"loss": f"{label_mean:.3f}", "lr": f"{lr:.4f}", "img/s": f"{images_per_second:.0f}"}
+                    if writer is not None:
+                        for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean),
+                                           ("lr", run.lr), ("images_per_second", images_per_second)):
+                            writer.add_scalar(tag, value, run.step)
+                    postfix = {"loss": f"{label_mean:.3f}", "lr": f"{run.lr:.4f}", "img/s": f"{images_per_second:.0f}"}
                     if run.distiller.methods:
                         postfix["kd"] = f"{distill_mean:.3f}"
                     bar.set_postfix(postfix)
                 if run.step % train.checkpoint_every == 0 or run.step == last_step:
                     # never let a diverged state replace (and rotate away) the good checkpoints
-                    if not window.all_finite():
+                    if not window.all_finite(world):
                         self._diverged(f"the loss became non-finite before step {run.step}")
-                    if not _all_finite([tensor for module in (run.backbone, run.head, run.distiller)
-                                        for tensor in module.state_dict().values() if tensor.is_floating_point()]):
+                    if not _agree(world, _all_finite([tensor for module in (run.backbone, run.head, run.distiller)
+                                                      for tensor in module.state_dict().values()
+                                                      if tensor.is_floating_point()])):
                         self._diverged(f"the weights or normalisation statistics became non-finite by step {run.step}")
-                    self.last_checkpoint = save_checkpoint(run.state(job), self.checkpoint_dir, run.step,
-                                                           keep=train.keep_checkpoints)
+                    self.last_checkpoint = self._save(run)
                 bar.update(1)
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         if window.skipped:
-            logger.warning("%s: %d corrupt or unlabelled samples were skipped (their slots refilled)",
-                           job.name, window.skipped)
+            logger.warning("%s: %d corrupt or unlabelled samples were skipped on rank %d (their slots refilled)",
+                           job.name, window.skipped, world.rank)
         seconds = time.perf_counter() - run_start
         return {
             "name": job.name,
             "step": run.step,
             "steps_run": run.step - start_step,
             "loss": final_loss,
-            "images_per_second": (run.step - start_step) * train.batch_size / seconds,
+            "images_per_second": (run.step - start_step) * train.batch_size * world.world_size / seconds,
             "last_window_images_per_second": images_per_second,
             "seconds": seconds,
+            "world_size": world.world_size,
             "checkpoint": str(self.last_checkpoint),
         }
 
@@ -390,36 +423,67 @@ class Trainer:
         images = to_float(batch.images.to(run.device, non_blocking=True))
         labels = batch.labels.to(run.device, non_blocking=True)
 
-        # forward: student backbone, margin loss (fp32 centres, outside autocast), distillation
+        # forward: student backbone, frozen teacher
         with run.autocast:
             student = _forward(run.backbone, images, run.distiller.needs_stages)
-        label_loss = run.head(student.embedding, labels)
-        with run.autocast:
             teacher_outputs = None
             if run.distiller.needs_teacher:
                 with torch.no_grad():
                     teacher_outputs = _forward(run.teacher, images, run.distiller.needs_stages)
-            distill_loss, _ = run.distiller(student, teacher_outputs, labels, run.step)
+
+        # a sharded classifier sees the global batch: every rank's embeddings and labels
+        gathered = None
+        if run.head.sharded:
+            gathered = gather_batch(run.world, student.embedding,
+                                    teacher_outputs.embedding if teacher_outputs is not None else None, labels)
+        embeddings, all_labels = (gathered.student, gathered.labels) if gathered else (student.embedding, labels)
+
+        # margin loss (fp32 centres, outside autocast) over all classes or partial FC's sample, distillation
+        label_loss = run.head(embeddings, all_labels, run.head.sample_classes(all_labels, run.step))
+        with run.autocast:
+            distill_loss, _ = run.distiller(student, teacher_outputs, labels, run.step, gathered)
             if run.unlabeled is not None:
                 distill_loss = distill_loss + self._unlabeled_loss(run, images, teacher_outputs, next(run.unlabeled))
 
         # backward, clip, step
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(label_loss + distill_loss).backward()
-        if self.job.optim.clip_grad_norm > 0:
-            run.scaler.unscale_(run.optimizer)
-            nn.utils.clip_grad_norm_(run.parameters, self.job.optim.clip_grad_norm)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
+        run.lr = self.job.optim.lr * lr_factor(run.step, self.job, self.schedule)
+        run.optimiser.step(label_loss + distill_loss, run.lr)
         return label_loss.detach(), distill_loss.detach()
 
-    def _resume_state(self) -> dict[str, Any] | None:
-        """The checkpoint to continue from, or None for a fresh run (refusing to overwrite an old one).
+    def _resume_state(self) -> tuple[dict[str, Any] | None, Path | None]:
+        """The checkpoint to continue from and its folder, or (None, None) for a fresh run (refusing to
+        overwrite an old one). Rank 0 decides and tells the others, so that all ranks load the same one.
 
         Checkpoint folders that a killed writer left half-written are removed first. A damaged newest
         checkpoint is reported and skipped: the run continues from the newest intact one.
         """
+        world = self.world
+        decision: tuple[str, ...] = ("fresh",)
+        if world.is_main:
+            try:
+                newest = self._pick_checkpoint()
+                decision = ("fresh",) if newest is None else ("resume", str(newest))
+            except FacekdError as error:
+                decision = ("error", type(error).__name__, str(error))
+        decision = world.broadcast_object(decision)
+        if decision[0] == "error":
+            raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(decision[1], TrainingError)(
+                decision[2])
+        if decision[0] == "fresh":
+            return None, None
+        newest = Path(decision[1])
+        state = load_checkpoint(newest, verify=False)
+        stored = job_from_dict(state["job"], source=str(newest))
+        if job_to_dict(stored) | {"train": None} != job_to_dict(self.job) | {"train": None}:
+            raise ConfigError(
+                f"{newest} was written by a different job spec; resume only with the spec that started the run "
+                "(only the train section may change, e.g. more steps)"
+            )
+        self.last_checkpoint = newest
+        return state, newest
+
+    def _pick_checkpoint(self) -> Path | None:
+        """Rank 0's choice of the checkpoint to resume from (verified), None for a fresh run."""
         clean_partial_checkpoints(self.checkpoint_dir)
         found = list_checkpoints(self.checkpoint_dir)
         if not found:
@@ -434,15 +498,7 @@ class Trainer:
             raise CheckpointError(f"every checkpoint in {self.checkpoint_dir} is damaged; the run cannot resume")
         if newest != found[-1][1]:
             logger.warning("%s: resuming from %s, the newest intact checkpoint", self.job.name, newest.name)
-        state = load_checkpoint(newest, verify=False)
-        stored = job_from_dict(state["job"], source=str(newest))
-        if job_to_dict(stored) | {"train": None} != job_to_dict(self.job) | {"train": None}:
-            raise ConfigError(
-                f"{newest} was written by a different job spec; resume only with the spec that started the run "
-                "(only the train section may change, e.g. more steps)"
-            )
-        self.last_checkpoint = newest
-        return state
+        return newest
 
     def _diverged(self, what: str) -> None:
         """Stop a run whose state is no longer finite, naming the checkpoint it can go back to."""
@@ -472,7 +528,8 @@ class Trainer:
 
     def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:
         """Start from ``model.init_from``: its backbone, and its head when it has the same classes."""
-        source = load_network(self.job.model.init_from)
+        world = self.world if self.world.distributed else None
+        source = load_network(self.job.model.init_from, world=world)
         # the architecture must match; where each network itself started from does not matter
         if dataclasses.replace(source.job.model, init_from=None) != dataclasses.replace(self.job.model, init_from=None):
             raise ConfigError(
@@ -482,7 +539,7 @@ class Trainer:
             )
         backbone.load_state_dict(source.backbone.state_dict())
         if source.head.num_classes == head.num_classes:
-            head.load_state_dict(source.head.state_dict())
+            head.load_rows(source.head.weight.detach())
         logger.info("%s: initialised from %s", self.job.name, self.job.model.init_from)
 
     def _build_distillation(
@@ -492,7 +549,10 @@ class Trainer:
         config = self.job.distill
         teacher = None
         if config.teacher is not None and config.teacher_methods:
-            teacher = load_network(config.teacher, device)
+            # the teacher's head sharded like the student's; on a GPU its frozen backbone is stored in bf16
+            teacher = load_network(config.teacher, device, world=self.world if self.world.distributed else None)
+            if device.type == "cuda" and resolve_precision(self.job.train.precision, device) == torch.bfloat16:
+                teacher.backbone.to(torch.bfloat16)
             if teacher.job.data.image_size != self.job.data.image_size:
                 raise ConfigError(
                     f"teacher {config.teacher} takes {teacher.job.data.image_size}px images, this job "

@@ -16,7 +16,8 @@ import yaml
 from facekd.config import DISTILL_METHODS, job_from_dict, load_job
 from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from facekd.errors import CheckpointError, ConfigError, TrainingError
-from facekd.train import Schedule, Trainer, batches_per_epoch, load_network, lr_factor
+from facekd.network import load_network
+from facekd.train import Schedule, Trainer, batches_per_epoch, lr_factor
 
 
 def _weights(run_dir, step):
@@ -167,9 +168,11 @@ def _descend_distillation_term(job, checkpoint, batch, steps=5):
     from the student (and adapters) stored in ``checkpoint``; the teacher's weights must not move."""
     from facekd.train import _forward
 
-    trainer = Trainer(job, resume=True, progress=False)
+    from facekd.distributed.world import World
+
+    trainer = Trainer(job, resume=True, progress=False, world=World.single(torch.device("cpu")))
     trainer.schedule = Schedule.of(job, batches_per_epoch(job))
-    run = trainer._build(load_checkpoint(checkpoint))
+    run = trainer._build(load_checkpoint(checkpoint), checkpoint)
     teacher_before = [tensor.clone() for tensor in run.teacher.state_dict().values()] if run.teacher else []
     optimizer = torch.optim.Adam([*run.backbone.parameters(), *run.distiller.parameters()], lr=1e-2)
     losses = []

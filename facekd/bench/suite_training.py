@@ -104,7 +104,10 @@ def _build_run(suite: Suite, backbone: str, methods: dict | None):
     """A Trainer and its run state for ``backbone``; ``methods`` None: the teacher's own step (labels only)."""
     from facekd.config import ModelConfig, job_from_dict
     from facekd.distill.distiller import Distiller
-    from facekd.train import Trainer, _Run, autocast_for, build_network, build_optimizer
+    from facekd.distributed.engine import LocalOptimiser
+    from facekd.distributed.world import World
+    from facekd.network import autocast_for, build_network
+    from facekd.train import Schedule, Trainer, _Run, build_optimizer
 
     sizes, device = suite.sizes, suite.device.torch_device
     teacher_step = methods is None
@@ -138,13 +141,15 @@ def _build_run(suite: Suite, backbone: str, methods: dict | None):
 
     # build the optimiser over every trained parameter (a constant learning rate: the schedule costs nothing)
     parameters = [*network.parameters(), *head.parameters(), *distiller.parameters()]
-    optimizer = build_optimizer(job.optim, parameters, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    run = _Run(device=device, autocast=autocast, step=0, loader=None, unlabeled=None, backbone=network, head=head,
-               teacher=teacher, distiller=distiller, parameters=parameters, optimizer=optimizer,
-               scheduler=scheduler, scaler=scaler)
-    return Trainer(job, progress=False), run
+    optimiser = LocalOptimiser(build_optimizer(job.optim, parameters, device), parameters,
+                               clip_grad_norm=job.optim.clip_grad_norm, fp16=autocast_dtype == torch.float16,
+                               device=device)
+    world = World.single(device)
+    run = _Run(world=world, autocast=autocast, step=0, loader=None, unlabeled=None, backbone=network, head=head,
+               teacher=teacher, distiller=distiller, optimiser=optimiser)
+    trainer = Trainer(job, progress=False, world=world)
+    trainer.schedule = Schedule(total_steps=1000, warmup_steps=0, milestones=())
+    return trainer, run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,13 +42,14 @@ from facekd.distill.relational import rkd_loss
 from facekd.distill.shrinkteanet import IntermediateAngularDistiller
 from facekd.distill.srrl import SRRLConnector, mixed_soft_targets, srrl_loss, teacher_gram
 from facekd.distill.wang_lan import batch_hard_triplet_loss, hidden_l2_loss
+from facekd.distributed.collectives import all_gather_labels, all_gather_rows
 from facekd.heads import MarginHead, logit_dtype
 from facekd.kernels import grouped_kd_loss
 from facekd.kernels.backend import full_precision
-from facekd.kernels.grouped_kd import grouped_kd_loss_from_embeddings
+from facekd.kernels.grouped_kd import grouped_kd_loss_from_embeddings, grouped_kd_loss_sharded
 from facekd.models import StagedBackbone
 
-__all__ = ["Distiller", "Outputs"]
+__all__ = ["Distiller", "GlobalBatch", "Outputs", "gather_batch"]
 
 # methods that read stage feature maps, not only embeddings
 _STAGE_METHODS = ("fitnet", "shrinkteanet", "srrl")
@@ -61,6 +62,24 @@ class Outputs(NamedTuple):
 
     embedding: Tensor  # [B, D]
     stages: list[Tensor] | None  # the four stage feature maps, when a method needs them
+
+
+class GlobalBatch(NamedTuple):
+    """The embeddings and labels of every rank's batch, gathered (:mod:`facekd.distributed.collectives`)."""
+
+    student: Tensor  # [W·B, D_S], differentiable back to this rank's rows
+    teacher: Tensor | None  # [W·B, D_T]
+    labels: Tensor | None  # [W·B]
+
+
+def gather_batch(world, student: Tensor, teacher: Tensor | None, labels: Tensor | None) -> GlobalBatch:
+    """The global batch of a sharded step. The student's gradient comes back scaled by the world size: the
+    backbone's data-parallel engine averages over the ranks a loss that the classifier computes once."""
+    return GlobalBatch(
+        all_gather_rows(student, world, grad_scale=world.world_size),
+        None if teacher is None else all_gather_rows(teacher.detach(), world),
+        None if labels is None else all_gather_labels(labels, world),
+    )
 
 
 class Distiller(nn.Module):
@@ -112,7 +131,11 @@ class Distiller(nn.Module):
             # follows post-ReLU ResNet features), so a ReLU would keep the connector from matching them
             self.srrl = SRRLConnector(student.feature_channels[-1], teacher.feature_channels[-1], relu=False)
             # W_Tᵀ W_T of the frozen, normalised centres: computed once, D×D (DESIGN.md point 4)
-            self.register_buffer("srrl_gram", teacher_gram(teacher_head.weight, normalized=True), persistent=False)
+            # (sharded: the sum of the shards' Grams, all-reduced once)
+            gram = teacher_gram(teacher_head.weight, normalized=True)
+            if teacher_head.sharded:
+                teacher_head.world.all_reduce(gram, "sum")
+            self.register_buffer("srrl_gram", gram, persistent=False)
 
     def ramp(self, step: int) -> float:
         """Warm-up factor of every term: min(epoch / warmup_epochs, 1), the first epoch numbered
@@ -127,12 +150,29 @@ class Distiller(nn.Module):
         """Whether method ``name`` reads the labels (so cannot run on an unlabeled batch)."""
         return name in ("dkd", "triplet") or (name == "gkd" and self.config.gkd.force_target)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the heads are class shards of a distributed run (the logit terms then read the global batch)."""
+        return self.student_head.sharded
+
     def forward(
-        self, student: Outputs, teacher: Outputs | None, labels: Tensor | None, step: int
+        self, student: Outputs, teacher: Outputs | None, labels: Tensor | None, step: int,
+        gathered: GlobalBatch | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(ramped total, {method: weighted term}); ``labels`` None (an unlabeled batch) leaves out the
-        methods that need labels."""
-        terms = {name: weight * self._term(name, student, teacher, labels) for name, weight in self.methods.items()
+        methods that need labels.
+
+        Sharded, the methods that compare classifier outputs (KD, DKD, GKD) run on the global batch
+        ``gathered`` (gathered here when not given) and give the same value on every rank; the per-sample
+        methods (FitNet, RKD, ShrinkTeaNet, SRRL, hidden L2, triplet) run on this rank's batch, and the
+        data-parallel engine averages them over the ranks. RKD and the triplet mining therefore see the
+        rank's batch, not the global one.
+        """
+        if self.sharded and gathered is None and any(name in ("kd", "dkd", "gkd") for name in self.methods):
+            gathered = gather_batch(self.student_head.world, student.embedding,
+                                    None if teacher is None else teacher.embedding, labels)
+        terms = {name: weight * self._term(name, student, teacher, labels, gathered)
+                 for name, weight in self.methods.items()
                  if labels is not None or not self.needs_labels(name)}
         total = self.ramp(step) * sum(terms.values(), torch.zeros((), device=student.embedding.device))
         return total, terms
@@ -140,16 +180,39 @@ class Distiller(nn.Module):
     def mixup_loss(self, student_embedding: Tensor, teacher_embeddings: tuple[Tensor, Tensor], lam: float) -> Tensor:
         """SRRL thesis Eq. 4.12: τ²·KL of the student on x' = λ' x_l + (1 − λ') x_u against the mixed
         teacher logits y' = λ' z_T(x_l) + (1 − λ') z_T(x_u) (Eq. 4.11), both softened by τ."""
+        if self.sharded:
+            world = self.student_head.world
+            student_embedding = all_gather_rows(student_embedding, world, grad_scale=world.world_size)
+            teacher_embeddings = tuple(all_gather_rows(embedding.detach(), world) for embedding in teacher_embeddings)
         labeled, unlabeled = (self.teacher_head.logits(embedding.detach()) for embedding in teacher_embeddings)
         student_logits = self.student_head.logits(student_embedding)
-        return kd_loss(student_logits, mixed_soft_targets(labeled, unlabeled, lam),
-                       temperature=self.config.unlabeled.mixup_temperature)
+        return self._kd(student_logits, mixed_soft_targets(labeled, unlabeled, lam),
+                        temperature=self.config.unlabeled.mixup_temperature)
 
-    def _term(self, name: str, student: Outputs, teacher: Outputs | None, labels: Tensor) -> Tensor:
+    def _kd(self, student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
+        """Hinton KD of the logits [B, C] of both heads (sharded: [B, C_r], as grouped KD with τ = 1, which
+        selects every class into the primary group, whose KL is then the whole KL: GKD Eq. 9)."""
+        if not self.sharded:
+            return kd_loss(student_logits, teacher_logits, temperature=temperature)
+        return self._grouped_shards(student_logits, teacher_logits, tau=1.0, temperature=temperature,
+                                    w_primary=1.0, w_binary=0.0, w_secondary=0.0)
+
+    def _grouped_shards(self, student_logits: Tensor, teacher_logits: Tensor, **options) -> Tensor:
+        """A grouped-KD-family loss of this rank's logit shards [B, C_r], combined across the ranks."""
+        head = self.student_head
+        return grouped_kd_loss_sharded([student_logits], [teacher_logits.detach()], class_offsets=[head.class_offset],
+                                       num_classes=head.num_classes, all_reduce=head.world.reducer, **options)
+
+    def _term(self, name: str, student: Outputs, teacher: Outputs | None, labels: Tensor,
+              gathered: GlobalBatch | None) -> Tensor:
         c = self.config
         if name == "triplet":
             return batch_hard_triplet_loss(student.embedding, labels, margin=c.triplet.margin, mining=c.triplet.mining)
         if name in _LOGIT_METHODS:
+            if self.sharded and name != "srrl":
+                student = Outputs(gathered.student, None)
+                teacher = Outputs(gathered.teacher, None)
+                labels = gathered.labels
             return self._logit_term(name, student, teacher, labels)
         teacher_embedding = teacher.embedding.detach().to(self.teacher_head.weight.dtype)
         student_embedding = student.embedding.to(self.student_head.weight.dtype)
@@ -186,9 +249,15 @@ class Distiller(nn.Module):
             student_logits = self.student_head.logits(student_embedding)
             teacher_logits = self.teacher_head.logits(teacher_embedding)
             if name == "kd":
-                return kd_loss(student_logits, teacher_logits, temperature=c.kd.temperature)
-            return dkd_loss(student_logits, teacher_logits, labels, alpha=c.dkd.alpha, beta=c.dkd.beta,
-                            temperature=c.dkd.temperature)
+                return self._kd(student_logits, teacher_logits, temperature=c.kd.temperature)
+            if not self.sharded:
+                return dkd_loss(student_logits, teacher_logits, labels, alpha=c.dkd.alpha, beta=c.dkd.beta,
+                                temperature=c.dkd.temperature)
+            # DKD as grouped KD whose primary group is the target alone: Binary-KD is then TCKD and
+            # Secondary-KD is NCKD (DKD Eq. 2-3), each times T² and averaged over the batch (DKD Eq. 7)
+            return self._grouped_shards(student_logits, teacher_logits, selection="fixed", k=1, force_target=True,
+                                        labels=labels, temperature=c.dkd.temperature, w_primary=0.0,
+                                        w_binary=c.dkd.alpha, w_secondary=c.dkd.beta)
 
     def _srrl_features(self, student_last_stage: Tensor) -> tuple[Tensor, Tensor]:
         """SRRL's connected student feature, and the teacher's head (its embedding layer) applied to it."""
@@ -206,17 +275,23 @@ class Distiller(nn.Module):
                        w_secondary=g.w_secondary, selection=g.selection, k=g.k, force_target=g.force_target,
                        labels=labels if g.force_target else None)
         if g.margined_logits:
-            # the authors' code: KD on each head's margined logits (materialises both B×C matrices)
-            return grouped_kd_loss(self.student_head.margin_logits(student_embedding, labels),
-                                   self.teacher_head.margin_logits(teacher_embedding, labels).detach(), **options)
+            # the authors' code: KD on each head's margined logits (materialises both B×C matrices; B×C_r sharded)
+            student_logits = self.student_head.margin_logits(student_embedding, labels)
+            teacher_logits = self.teacher_head.margin_logits(teacher_embedding, labels).detach()
+            if self.sharded:
+                return self._grouped_shards(student_logits, teacher_logits, **options)
+            return grouped_kd_loss(student_logits, teacher_logits, **options)
         if self.student_head.config.s != self.teacher_head.config.s:
             raise ValueError(
                 f"GKD compares s·cos θ of both networks with one s; the student head has s = "
                 f"{self.student_head.config.s}, the teacher's s = {self.teacher_head.config.s}"
             )
         # the fused form: neither B×C logits matrix is stored on the Triton path
+        head = self.student_head
+        shards = dict(class_offset=head.class_offset, num_classes=head.num_classes,
+                      all_reduce=head.world.reducer) if self.sharded else {}
         return grouped_kd_loss_from_embeddings(
-            student_embedding, self.student_head.weight.to(student_embedding.dtype), teacher_embedding,
+            student_embedding, head.weight.to(student_embedding.dtype), teacher_embedding,
             self.teacher_head.weight.detach().to(teacher_embedding.dtype),
-            s=self.student_head.config.s, **options,
+            s=head.config.s, **shards, **options,
         )
