@@ -25,7 +25,7 @@ from facekd.distributed.world import World
 from facekd.kernels import margin_softmax_ce
 from facekd.kernels.margin_ce import margin_softmax_ce_sharded
 
-__all__ = ["ShardedClassifier", "shard_range"]
+__all__ = ["ShardedClassifier", "classifier_memory", "shard_range"]
 
 # centres of a sharded classifier are drawn in blocks of this many classes, each from its own seed, so the
 # initial C × D matrix is the same whatever the world size (and no rank draws rows it does not hold)
@@ -154,3 +154,79 @@ class ShardedClassifier(nn.Module):
                              f"{self.class_offset + self.num_local}), got {tuple(rows.shape)}")
         with torch.no_grad():
             self.weight.copy_(rows)
+
+
+def classifier_memory(
+    num_classes: int,
+    world_size: int,
+    embedding_dim: int,
+    *,
+    rank: int = 0,
+    weight_dtype: torch.dtype = torch.float32,
+    teacher_dtype: torch.dtype | None = torch.bfloat16,
+    momentum: bool = True,
+    batch_size: int | None = None,
+    sample_rate: float = 1.0,
+) -> dict[str, int]:
+    """Bytes rank ``rank`` of ``world_size`` holds for a C-class classifier sharded as :func:`shard_range` does.
+
+    Counted, each a key of the result (bytes unless named a count):
+
+    * ``classes`` (count): C_r, this rank's classes; ``class_offset`` (count) the first of them.
+    * ``centres``: the student's centres, C_r · D in ``weight_dtype`` (:class:`ShardedClassifier`'s ``weight``).
+    * ``gradient``: their ``.grad``, the same size. It is dense also under sampling: the rows a step did not
+      sample hold zeros (the margin loss writes exact zeros there), they are not absent.
+    * ``momentum``: SGD's momentum buffer, the same size again (0 with ``momentum=False``).
+    * ``teacher``: a frozen teacher's shard of the same classes, C_r · D in ``teacher_dtype`` (0 for None).
+      It has no gradient and no optimiser state.
+    * ``state``: the sum of the four above — what lives across steps (the gradient from backward until the
+      next step's ``zero_grad(set_to_none=True)``), i.e. the floor of this rank's peak.
+
+    With ``batch_size`` (per rank, B; the global batch is W · B) also, per step:
+
+    * ``sampled_classes`` (count): K = max(int(sample_rate · C_r), 1), the rows
+      :meth:`ShardedClassifier.sample_classes` draws when no label of the batch falls in this shard. Labels
+      that do fall here raise it to at most min(C_r, W · B); C_r for ``sample_rate`` 1.
+    * ``class_index``: the sampler's int64 index [K] and the fp32 priorities [C_r] it draws K of (0 for
+      ``sample_rate`` 1).
+    * ``gathered_embeddings``: the global batch's student embeddings, W · B · D in ``weight_dtype``, and with
+      a teacher its embeddings in ``teacher_dtype``: every rank holds all of them (all_gather_rows).
+    * ``kd_logits_unfused``: with a teacher, the student's and the teacher's fp32 logits [W · B, C_r] that
+      the plain-torch grouped-KD path (CPU) materialises over all of this rank's classes; the fused Triton
+      kernels hold none of them. The margin loss holds no K-wide logits on either path (tiles / chunks).
+
+    Not counted: the backbone and everything data-parallel, the autograd graph's saved per-row statistics
+    (O(W · B)), temporaries of the plain-torch paths besides the KD logits (normalised copies of centre
+    chunks, the teacher shard cast to fp32, the softmax and selection work of the KD reference: a few
+    [W · B, C_r] matrices more), the allocator's caching and fragmentation, and the CUDA / torch runtime.
+    A measured peak is therefore above ``state``; how far above depends on the path (see
+    ``facekd bench partial-fc``).
+    """
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (per rank) or None, got {batch_size}")
+    start, end = shard_range(num_classes, world_size, rank)
+    shard_elements = (end - start) * embedding_dim
+    weight_bytes = weight_dtype.itemsize
+    teacher_bytes = 0 if teacher_dtype is None else teacher_dtype.itemsize
+    memory = {
+        "classes": end - start,
+        "class_offset": start,
+        "centres": shard_elements * weight_bytes,
+        "gradient": shard_elements * weight_bytes,
+        "momentum": shard_elements * weight_bytes if momentum else 0,
+        "teacher": shard_elements * teacher_bytes,
+    }
+    memory["state"] = memory["centres"] + memory["gradient"] + memory["momentum"] + memory["teacher"]
+    if batch_size is None:
+        return memory
+    global_batch = world_size * batch_size
+    sampled = end - start if sample_rate >= 1.0 else max(int(sample_rate * (end - start)), 1)
+    memory["sampled_classes"] = sampled
+    memory["class_index"] = 0 if sample_rate >= 1.0 else sampled * 8 + (end - start) * 4
+    memory["gathered_embeddings"] = global_batch * embedding_dim * (weight_bytes + teacher_bytes)
+    memory["kd_logits_unfused"] = 2 * global_batch * (end - start) * 4 if teacher_dtype is not None else 0
+    return memory
