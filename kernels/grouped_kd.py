@@ -58,13 +58,13 @@ import triton.language as tl
 
 from facekd.kernels.backend import (check_nonempty, full_precision, reference_dtype, triton_interpreted,
                                     use_triton)
-from facekd.kernels.common import AllReduce, all_reduce_max, all_reduce_sum
+from facekd.kernels.common import (AllReduce, all_reduce_max, all_reduce_sum, check_reduction, dot, dot_precision,
+                                   inverse_norm, reduce_rows)
 from facekd.kernels.margin_ce import cosine_logits
 from facekd.kernels.selection import (BATCH_K_STEP, NUM_PIVOTS, Evaluate, Interval, batch_k_from_first, search,
                                       search_passes, sharded_primary_mask, whole_range)
 
 SELECTIONS = ("sample", "batch", "fixed")
-REDUCTIONS = ("mean", "sum", "none")
 # The embedding kernels hold one whole embedding (padded to a power of two) per tile row.
 MAX_EMBEDDING_DIM = 1024
 
@@ -167,14 +167,6 @@ def _weight_matrix(
     ])
 
 
-def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -200,24 +192,6 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # recomputes its logits: a GEMM tile per pass instead of a B×C buffer.
 
 _LOWEST = tl.constexpr(-1.0e30)  # running max of an empty set; exp(_LOWEST − m) = 0 for real m
-_NORM_EPS = tl.constexpr(1.0e-12)  # as torch.nn.functional.normalize
-
-
-@triton.jit
-def _inverse_norm(rows):
-    """1 / max(‖row‖₂, eps) of each row of a [N, BLOCK_D] tile, in fp32."""
-    rows = rows.to(tl.float32)
-    return 1.0 / tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1)), _NORM_EPS)
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b in fp32. DOT_PRECISION "upcast" multiplies fp32 copies: a workaround (2026-11) for the
-    Triton 3.9 interpreter, which multiplies bfloat16 tiles as their raw uint16 bits."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -249,9 +223,9 @@ def _logit_tile(
                              mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         centres = tl.load(centres_ptr + cols.to(tl.int64)[:, None] * stride_centres + dims[None, :],
                           mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        dots = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
-        scale = logit_scale * _inverse_norm(embeddings)
-        return dots * scale[:, None] * _inverse_norm(centres)[None, :]
+        dots = dot(embeddings, tl.trans(centres), None, DOT_PRECISION)
+        scale = logit_scale * inverse_norm(embeddings)
+        return dots * scale[:, None] * inverse_norm(centres)[None, :]
     else:
         return tl.load(source_ptr + rows64[:, None] * stride_source + cols[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -674,7 +648,7 @@ def _embedding_grad_kernel(
     labels = _load_labels(labels_ptr, rows, row_ok, FORCE_TARGET, BLOCK_B)
     embeddings = tl.load(student_ptr + rows64[:, None] * stride_student + dims[None, :],
                          mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    embedding_scale = _inverse_norm(embeddings)
+    embedding_scale = inverse_norm(embeddings)
     weighted_centres = tl.zeros([BLOCK_B, BLOCK_DS], tl.float32)
     weighted_cosines = tl.zeros([BLOCK_B], tl.float32)
     first_tile = chunk * tiles_per_chunk
@@ -686,9 +660,9 @@ def _embedding_grad_kernel(
         centres = tl.load(
             student_centres_ptr + cols.to(tl.int64)[:, None] * stride_student_centres + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        unit_centres = centres.to(tl.float32) * _inverse_norm(centres)[:, None]
-        cosines = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
-        cosines = cosines * embedding_scale[:, None] * _inverse_norm(centres)[None, :]
+        unit_centres = centres.to(tl.float32) * inverse_norm(centres)[:, None]
+        cosines = dot(embeddings, tl.trans(centres), None, DOT_PRECISION)
+        cosines = cosines * embedding_scale[:, None] * inverse_norm(centres)[None, :]
         teacher_logit = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
                                     stride_teacher_centres, teacher_dim, num_classes,
                                     logit_scale, rows64, row_ok, cols, True, BLOCK_DT,
@@ -696,7 +670,7 @@ def _embedding_grad_kernel(
         grad = _logit_grad(cosines * logit_scale, teacher_logit, cols + class_offset, ok,
                            threshold, labels, coefficients_ptr + rows64 * 8, num_classes_total,
                            inv_temperature, FORCE_TARGET)
-        weighted_centres += _dot(grad, unit_centres, DOT_PRECISION)
+        weighted_centres += dot(grad, unit_centres, None, DOT_PRECISION)
         weighted_cosines += tl.sum(grad * cosines, axis=1)
     out = (chunk * batch_size + rows64)
     tl.store(weighted_centres_ptr + out[:, None] * BLOCK_DS + dims[None, :], weighted_centres,
@@ -738,7 +712,7 @@ def _centre_grad_kernel(
     centres = tl.load(
         student_centres_ptr + cols.to(tl.int64)[:, None] * stride_student_centres + dims[None, :],
         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    centre_scale = _inverse_norm(centres)
+    centre_scale = inverse_norm(centres)
     weighted_embeddings = tl.zeros([BLOCK_C, BLOCK_DS], tl.float32)
     weighted_cosines = tl.zeros([BLOCK_C], tl.float32)
     for first_row in range(0, batch_size, BLOCK_B):
@@ -748,8 +722,8 @@ def _centre_grad_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         embeddings = tl.load(student_ptr + rows64[:, None] * stride_student + dims[None, :],
                              mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        embedding_scale = _inverse_norm(embeddings)
-        cosines = _dot(embeddings, tl.trans(centres), DOT_PRECISION)
+        embedding_scale = inverse_norm(embeddings)
+        cosines = dot(embeddings, tl.trans(centres), None, DOT_PRECISION)
         cosines = cosines * embedding_scale[:, None] * centre_scale[None, :]
         teacher_logit = _logit_tile(teacher_ptr, teacher_centres_ptr, stride_teacher,
                                     stride_teacher_centres, teacher_dim, num_classes,
@@ -761,7 +735,7 @@ def _centre_grad_kernel(
                            coefficients_ptr + rows64 * 8, num_classes_total, inv_temperature,
                            FORCE_TARGET)
         unit_embeddings = embeddings.to(tl.float32) * embedding_scale[:, None]
-        weighted_embeddings += _dot(tl.trans(grad), unit_embeddings, DOT_PRECISION)
+        weighted_embeddings += dot(tl.trans(grad), unit_embeddings, None, DOT_PRECISION)
         weighted_cosines += tl.sum(grad * cosines, axis=0)
     unit_centres = centres.to(tl.float32) * centre_scale[:, None]
     grad_centres = (logit_scale * centre_scale)[:, None] * (
@@ -826,7 +800,7 @@ class _Shard:
                 BLOCK_C=32 if triton_interpreted() else 64,
                 BLOCK_DS=max(16, triton.next_power_of_2(self.student.shape[1])),
                 BLOCK_DT=max(16, triton.next_power_of_2(self.teacher.shape[1])),
-                DOT_PRECISION=_dot_precision(self.student.dtype),
+                DOT_PRECISION=dot_precision(self.student.dtype),
             )
         block_b = 4 if triton_interpreted() else 8
         return dict(
@@ -834,14 +808,6 @@ class _Shard:
             BLOCK_C=min(128, triton.next_power_of_2(self.num_classes)),
             BLOCK_DS=16, BLOCK_DT=16, DOT_PRECISION="tf32",  # unused without embeddings
         )
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 embeddings: three TF32 passes keep fp32 accuracy for the cosines the selection ranks;
-    16-bit ones use their native tensor-core dot (see _dot for "upcast")."""
-    if dtype == torch.float32:
-        return "tf32x3"
-    return "upcast" if triton_interpreted() and dtype == torch.bfloat16 else "tf32"
 
 
 def _network_args(source: torch.Tensor, centres: torch.Tensor | None) -> tuple:
@@ -1300,8 +1266,7 @@ def grouped_kd_loss_sharded(
         batch_size=batch_size, num_classes=num_classes, tau=tau, temperature=temperature,
         selection=selection, k=k, force_target=force_target, labels=labels,
     )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     dtype = student_shards[0].dtype
 
     if use_triton(*student_shards, *teacher_shards):
@@ -1317,7 +1282,7 @@ def grouped_kd_loss_sharded(
                   for shard in (*student_shards, *teacher_shards)]
         forced = labels.to(torch.int32).contiguous() if force_target else None
         rows = _GroupedKDFunction.apply(plan, weights, forced, *shards)
-        return _reduce(rows.to(dtype), reduction)
+        return reduce_rows(rows.to(dtype), reduction)
 
     if all_reduce is not None:
         # the logits of this rank's classes only, in fp32 (float64 stays float64) like the kernels
@@ -1330,7 +1295,7 @@ def grouped_kd_loss_sharded(
                 w_primary=w_primary, w_binary=w_binary, w_secondary=w_secondary, selection=selection,
                 k=k, force_target=force_target, labels=labels,
             )
-            return _reduce(rows.to(dtype), reduction)
+            return reduce_rows(rows.to(dtype), reduction)
     order = sorted(range(len(student_shards)), key=lambda index: class_offsets[index])
     return reference_grouped_kd_loss(
         torch.cat([student_shards[index] for index in order], dim=1),
@@ -1410,8 +1375,7 @@ def grouped_kd_loss_from_embeddings(
         batch_size=batch_size, num_classes=num_classes, tau=tau, temperature=temperature,
         selection=selection, k=k, force_target=force_target, labels=labels,
     )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     dtype = student_embeddings.dtype
 
     if use_triton(*tensors.values()):
@@ -1433,7 +1397,7 @@ def grouped_kd_loss_from_embeddings(
             plan, _weight_matrix(w_primary, w_binary, w_secondary, batch_size, inputs[0].device),
             labels.to(torch.int32).contiguous() if force_target else None, *inputs,
         )
-        return _reduce(rows.to(dtype), reduction)
+        return reduce_rows(rows.to(dtype), reduction)
 
     # s·cos θ in fp32 (float64 stays float64) like the kernels, also under an enclosing autocast
     compute_dtype = reference_dtype(dtype)
@@ -1451,7 +1415,7 @@ def grouped_kd_loss_from_embeddings(
             classes = torch.arange(class_offset, class_offset + shard_classes, device=student_logits.device)
             rows = _sharded_rows(student_logits, teacher_logits, classes, num_classes=num_classes,
                                  all_reduce=all_reduce, **options)
-        return _reduce(rows.to(dtype), reduction)
+        return reduce_rows(rows.to(dtype), reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1601,14 +1565,13 @@ def reference_grouped_kd_loss(
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`grouped_kd_loss` in plain torch (sort-based selection); same arguments."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     terms = grouped_kd_terms(
         student_logits, teacher_logits, tau=tau, temperature=temperature, selection=selection,
         k=k, force_target=force_target, labels=labels,
     )
     rows = _weighted_rows(terms, w_primary, w_binary, w_secondary, temperature)
-    return _reduce(rows.to(student_logits.dtype), reduction)
+    return reduce_rows(rows.to(student_logits.dtype), reduction)
 
 
 def _weighted_rows(

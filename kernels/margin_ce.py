@@ -55,15 +55,12 @@ import triton
 import triton.language as tl
 
 from facekd.kernels.backend import ENV_VAR, check_nonempty, full_precision, reference_dtype, use_triton
-from facekd.kernels.common import AllReduce
+from facekd.kernels.common import NORM_EPS, AllReduce, check_reduction, dot, dot_precision, reduce_rows
 
-REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
 # The exact margin derivative m1·sin(m1·θ + m2)/sin θ is evaluated at θ clamped to
 # [THETA_FLOOR, π − THETA_FLOOR]: finite at cos = ±1, unchanged for every other fp32 cosine.
 THETA_FLOOR = 1e-4
-# F.normalize's floor on the norm: a zero row normalises to zero instead of NaN.
-NORM_EPS = 1e-12
 # The reference works on [B, chunk] logit blocks of at most this many elements.
 REFERENCE_CHUNK_ELEMENTS = 1 << 22
 # The ∂x and ∂w kernels keep a [rows, next_pow2(D)] fp32 accumulator on chip.
@@ -132,14 +129,6 @@ def _acos(c):
     poly = poly * a + 1.5707963050
     half = tl.sqrt(1.0 - a) * poly
     return tl.where(c >= 0, half, 3.141592653589793 - half)
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """acc + a @ b on tensor cores; DOT_UPCAST multiplies in fp32 instead (interpreter workaround)."""
-    if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -252,7 +241,6 @@ def _logit_tile(
     labels,  # [BLOCK_B] int64 target positions
     target_logit,  # [BLOCK_B] float32
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -270,7 +258,7 @@ def _logit_tile(
         mask_d = offs_d < dim
         x = tl.load(x_ptr + offs_x + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(w_ptr + offs_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        acc = _mma(x, tl.trans(w), acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(x, tl.trans(w), acc, DOT_PRECISION)
     scaled_cos = acc * scale_b[:, None] * inv_w[None, :]
     logits = tl.where(offs_c[None, :] == labels[:, None], target_logit[:, None], scaled_cos)
     logits = tl.where(mask_c[None, :], logits, float("-inf"))
@@ -310,7 +298,6 @@ def _lse_fwd_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -342,7 +329,7 @@ def _lse_fwd_kernel(
             w_rows = offs_c.to(tl.int64)
         inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
         logits, _ = _logit_tile(x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, scale_b, inv_w,
-                                labels, target_logit, DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
+                                labels, target_logit, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         row_max = new_max
@@ -370,7 +357,6 @@ def _grad_embeddings_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -410,12 +396,12 @@ def _grad_embeddings_kernel(
         inv_w = tl.load(inv_w_ptr + offs_c, mask=mask_c, other=0.0)
         logits, scaled_cos = _logit_tile(
             x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x, inv_w, labels, target_logit,
-            DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
+            DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
         grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
         grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=1)
         w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
                     other=0.0)
-        acc = _mma((grad_cos * inv_w[None, :]).to(w.dtype), w, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot((grad_cos * inv_w[None, :]).to(w.dtype), w, acc, DOT_PRECISION)
     x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
                 mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     grad_x = inv_x[:, None] * acc - (grad_dot_scaled_cos * inv_x * inv_x / s)[:, None] * x
@@ -442,7 +428,6 @@ def _grad_weight_kernel(
     s,
     HAS_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -477,12 +462,12 @@ def _grad_weight_kernel(
         grad_scale = s * tl.load(grad_rows_ptr + offs_b, mask=mask_b, other=0.0)
         logits, scaled_cos = _logit_tile(
             x_ptr, w_ptr, offs_b, w_rows, offs_c, mask_b, mask_c, dim, s * inv_x, inv_w, labels, target_logit,
-            DOT_PRECISION, DOT_UPCAST, BLOCK_B, BLOCK_C, BLOCK_D)
+            DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
         grad_cos = _grad_cos_tile(logits, offs_c, labels, lse, grad_scale, slope)
         grad_dot_scaled_cos += tl.sum(grad_cos * scaled_cos, axis=0)
         x = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * dim + offs_d[None, :],
                     mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        acc = _mma(tl.trans((grad_cos * inv_x[:, None]).to(x.dtype)), x, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(tl.trans((grad_cos * inv_x[:, None]).to(x.dtype)), x, acc, DOT_PRECISION)
     w = tl.load(w_ptr + w_rows[:, None] * dim + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
                 other=0.0).to(tl.float32)
     grad_w = inv_w[:, None] * acc - (grad_dot_scaled_cos * inv_w * inv_w / s)[:, None] * w
@@ -509,10 +494,7 @@ class _Launch:
     d_pad: int
     programs: int  # aim for this many programs on the split-over-classes kernels
     num_warps: int
-    dot_precision: str
-    # The Triton 3.9 interpreter multiplies bfloat16 tiles as their raw uint16 bits (its create_dot
-    # widens only fp8 operands), so interpreted bf16 dots run in fp32 on the same rounded values.
-    dot_upcast: bool
+    dot_precision: str  # see facekd.kernels.common.dot ("upcast": the interpreter's bf16 workaround)
 
     @classmethod
     def build(cls, embeddings: torch.Tensor) -> "_Launch":
@@ -523,9 +505,8 @@ class _Launch:
                 f"got D = {dim}; use FACEKD_KERNEL_BACKEND=torch"
             )
         if not embeddings.is_cuda:
-            precision = "tf32x3" if embeddings.dtype == torch.float32 else "tf32"
             return cls(16, 16, 16, 16, 16, 16, 16, max(16, triton.next_power_of_2(dim)), programs=4, num_warps=4,
-                       dot_precision=precision, dot_upcast=embeddings.dtype == torch.bfloat16)
+                       dot_precision=dot_precision(embeddings.dtype))
         sms = torch.cuda.get_device_properties(embeddings.device).multi_processor_count
         return cls.for_cuda(dim, embeddings.dtype, sms)
 
@@ -544,7 +525,7 @@ class _Launch:
         operand_rows = max(16, min(64, (16384 if wide else 32768) // d_pad))
         block_c, block_d = (64, 32) if wide else (128, 64)
         return cls(128, block_c, block_d, accumulator_rows, operand_rows, operand_rows, accumulator_rows, d_pad,
-                   programs=4 * sms, num_warps=8, dot_precision="tf32x3" if wide else "tf32", dot_upcast=False)
+                   programs=4 * sms, num_warps=8, dot_precision="tf32x3" if wide else "tf32")
 
     def class_splits(self, batch: int, n_classes: int, block_b: int, block_c: int) -> tuple[int, int]:
         """(splits, classes per split): enough programs to fill the device when B is small."""
@@ -587,7 +568,7 @@ def _triton_forward(embeddings, weight, labels, class_index, margin):
     _lse_fwd_kernel[(triton.cdiv(batch, launch.block_b), splits)](
         embeddings, weight, labels, index, inv_x, inv_w, target_logit, split_max, split_sum,
         batch, n_classes, dim, classes_per_split, margin.s,
-        HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
+        HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision,
         BLOCK_B=launch.block_b, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d, num_warps=launch.num_warps)
     row_max, sum_exp = _combine_splits(split_max, split_sum)
     return target_logit, slope, row_max, sum_exp, (inv_x, inv_w)
@@ -611,7 +592,7 @@ def _triton_backward(embeddings, weight, labels, class_index, margin, lse, targe
             batch, n_classes, launch.grad_x_block_b, launch.grad_x_block_c)
         _grad_embeddings_kernel[(triton.cdiv(batch, launch.grad_x_block_b), splits)](
             *per_row, grad_x, batch, n_classes, dim, classes_per_split, margin.s,
-            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision,
             BLOCK_B=launch.grad_x_block_b, BLOCK_C=launch.grad_x_block_c, BLOCK_D=launch.block_d,
             D_PAD=launch.d_pad, num_warps=launch.num_warps)
         grad_x = grad_x.to(embeddings.dtype)
@@ -619,7 +600,7 @@ def _triton_backward(embeddings, weight, labels, class_index, margin, lse, targe
         grad_w = torch.zeros_like(weight)
         _grad_weight_kernel[(triton.cdiv(n_classes, launch.grad_w_block_c),)](
             *per_row, grad_w, batch, n_classes, dim, margin.s,
-            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision, DOT_UPCAST=launch.dot_upcast,
+            HAS_INDEX=has_index, DOT_PRECISION=launch.dot_precision,
             BLOCK_B=launch.grad_w_block_b, BLOCK_C=launch.grad_w_block_c, BLOCK_D=launch.block_d,
             D_PAD=launch.d_pad, num_warps=launch.num_warps)
     return grad_x, grad_w
@@ -861,19 +842,6 @@ def _check_label_range(labels: torch.Tensor, *, low: int, high: int, where: str)
         raise ValueError(f"labels must be in [{low}, {high}) ({where}), got min {label_min}, max {label_max}")
 
 
-def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -904,11 +872,11 @@ def margin_softmax_ce(
     (float64 for float64 inputs).
     """
     margin = _Margin.build(s, m1, m2, m3, margin_grad)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_inputs(embeddings, weight, labels, class_index, allow_unowned=False, check_values=check_values)
     rows = _MarginSoftmaxCEFunction.apply(
         embeddings, weight, labels, class_index, None, margin, _triton_path(embeddings, weight, labels))
-    return _reduce(rows, reduction)
+    return reduce_rows(rows, reduction)
 
 
 def cosine_logits(
@@ -985,7 +953,7 @@ def margin_softmax_ce_sharded(
     reads device values: one host synchronisation). Other arguments as :func:`margin_softmax_ce`.
     """
     margin = _Margin.build(s, m1, m2, m3, margin_grad)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_inputs(embeddings, weight_shard, labels, class_index, allow_unowned=False, check_values=False)
     shard_classes = weight_shard.shape[0]
     if not 0 <= class_offset <= num_classes - shard_classes:
@@ -1014,7 +982,7 @@ def margin_softmax_ce_sharded(
     rows = _MarginSoftmaxCEFunction.apply(
         embeddings, weight_shard, local_labels, class_index, all_reduce, margin,
         _triton_path(embeddings, weight_shard, labels))
-    return _reduce(rows, reduction)
+    return reduce_rows(rows, reduction)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -368,7 +368,7 @@ def signature(fn, dtype, constexprs):
 
 for torch_dtype, dtype in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
     launch = mc._Launch.for_cuda(512, torch_dtype, sms=132)
-    dots = dict(DOT_PRECISION=launch.dot_precision, DOT_UPCAST=False)
+    dots = dict(DOT_PRECISION=launch.dot_precision)
     for has_index in (False, True):
         kernels = {
             mc._inv_norm_kernel: dict(BLOCK_N=launch.block_b, BLOCK_D=launch.block_d),
