@@ -6,7 +6,7 @@ Two optimisers with one interface, chosen by the :class:`~facekd.distributed.wor
   clipping over all of them. What the single-process trainer always did, to the last bit (the golden-loss
   test guards it).
 * :class:`DeepSpeedOptimiser` — several ranks: the student backbone and the distillation adapters run in a
-  real ``deepspeed.initialize`` engine (data-parallel, ZeRO stage 0/1/2, DeepSpeed's bf16), the job's
+  real ``deepspeed.initialize`` engine (data-parallel, ZeRO stage 0/1/2), the job's
   ``deepspeed:`` section passed through; the sharded classifier stays OUT of the engine (its start-up
   broadcast would copy rank 0's shard to every rank, its gradient all-reduce would mix different classes)
   and has its own SGD, its momentum sharded the same way. One learning rate drives both.
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 _OWNED_ELSEWHERE = {"optimizer": "optim", "scheduler": "optim (its schedule)"}
 
 
-def deepspeed_config(user: dict[str, Any], *, micro_batch: int, world_size: int, clip_grad_norm: float,
-                     precision: torch.dtype) -> dict[str, Any]:
+def deepspeed_config(user: dict[str, Any], *, micro_batch: int, world_size: int, clip_grad_norm: float
+                     ) -> dict[str, Any]:
     """The configuration handed to ``deepspeed.initialize``: the job's ``deepspeed:`` section, completed from
     the job (batch sizes, clipping), with every key that contradicts the job an error naming both."""
     config = copy.deepcopy(user)
@@ -54,11 +54,12 @@ def deepspeed_config(user: dict[str, Any], *, micro_batch: int, world_size: int,
         if key in config and config[key] != value:
             raise ConfigError(f"deepspeed.{key} is {config[key]!r} but {source} gives {value!r}: set one of them")
         config[key] = value
-    if config.get("fp16", {}).get("enabled"):
-        raise ConfigError("deepspeed.fp16 is not supported: the classifier outside the engine would need DeepSpeed's "
-                          "loss scale; use bf16 (deepspeed.bf16.enabled with train.precision bf16)")
-    if config.get("bf16", {}).get("enabled") and precision != torch.bfloat16:
-        raise ConfigError(f"deepspeed.bf16.enabled is true but train.precision resolves to {precision}: make them agree")
+    for half in ("fp16", "bf16"):
+        if config.get(half, {}).get("enabled"):
+            raise ConfigError(
+                f"deepspeed.{half} casts the backbone's weights (BatchNorm included) to half precision and would "
+                "need its loss scale in the classifier outside the engine; set train.precision: bf16 instead "
+                "(autocast with fp32 master weights, as insightface's AMP)")
     # SGD is elementwise, so ZeRO's partitioning of its state is exact; DeepSpeed only lists Adam-likes as tested
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("steps_per_print", 2**62)

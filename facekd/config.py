@@ -273,7 +273,7 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """SGD with a warm-up then a cosine or piecewise decay. Lengths are given in steps or in epochs (an epoch
+    """SGD with a warm-up then a cosine, piecewise or polynomial decay. Lengths are given in steps or in epochs (an epoch
     is the manifest's samples over the batch of all ranks), never both."""
 
     lr: float = 0.1
@@ -284,8 +284,11 @@ class OptimConfig:
     """Nesterov momentum (the GKD authors' train_gkd.py uses it); needs momentum > 0."""
     weight_decay: float = 5e-4
     """L2 weight decay on every parameter (>= 0)."""
-    schedule: Literal["cosine", "piecewise"] = "cosine"
-    """Decay after warm-up: cosine to ``min_lr``, or ×gamma at each milestone."""
+    schedule: Literal["cosine", "piecewise", "poly"] = "cosine"
+    """Decay after warm-up: cosine to ``min_lr``, ×gamma at each milestone, or insightface arcface_torch's
+    polynomial decay lr·(1 − progress)^power from the end of the warm-up to the last step."""
+    power: float = 2.0
+    """Exponent of the ``poly`` schedule (insightface's PolyScheduler: 2)."""
     warmup_steps: int = 0
     """Linear warm-up over this many steps."""
     warmup_epochs: float = 0.0
@@ -313,6 +316,7 @@ class OptimConfig:
         _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _check(self.power > 0, "power", f"must be positive, got {self.power}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(not (self.warmup_steps and self.warmup_epochs), "warmup_epochs",

@@ -86,13 +86,16 @@ class Schedule:
 
 
 def lr_factor(step: int, job: JobConfig, schedule: Schedule) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine or piecewise decay."""
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine, piecewise or poly decay."""
     optim, warmup = job.optim, schedule.warmup_steps
     if step < warmup:
         if optim.warmup_start_lr is None:
             return (step + 1) / warmup
         start = optim.warmup_start_lr / optim.lr  # timm: warmup_lr_init + t·(lr − warmup_lr_init)/warmup_t
         return start + (1.0 - start) * step / warmup
+    if optim.schedule == "poly":  # insightface arcface_torch PolyScheduler
+        progress = (step - warmup) / max(schedule.total_steps - warmup, 1)
+        return max(1.0 - progress, 0.0) ** optim.power
     if optim.schedule == "cosine":
         origin = warmup if optim.cosine_from == "warmup_end" else 0
         progress = (step - origin) / max(schedule.total_steps - origin, 1)
@@ -274,7 +277,7 @@ class Trainer:
         optim = job.optim
         if world.distributed:
             config = deepspeed_config(job.deepspeed, micro_batch=train.batch_size, world_size=world.world_size,
-                                      clip_grad_norm=optim.clip_grad_norm, precision=autocast_dtype)
+                                      clip_grad_norm=optim.clip_grad_norm)
             optimiser = DeepSpeedOptimiser(
                 nn.ModuleDict({"backbone": backbone, "distiller": distiller}), head,
                 build_sgd=lambda parameters: build_optimizer(optim, parameters, device), config=config, world=world,

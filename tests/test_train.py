@@ -68,6 +68,24 @@ def test_the_official_gkd_schedule_is_timms_cosine_per_step():
         assert job.optim.lr * lr_factor(step, job, schedule) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def _insightface_poly_lr(t, *, base, max_steps, warmup_steps, power):
+    """arcface_torch's PolyScheduler.get_lr (written out): linear warm-up from 0, then base·(1 − progress)^power."""
+    if t < warmup_steps:
+        return base * t / warmup_steps
+    return base * (1 - (t - warmup_steps) / (max_steps - warmup_steps)) ** power
+
+
+def test_the_webface42m_spec_has_insightfaces_poly_schedule():
+    job = load_job(Path(__file__).parents[1] / "jobs" / "cluster" / "webface42m_iresnet50_teacher_32gpus.yaml")
+    per_epoch = 11
+    schedule = Schedule.of(job, per_epoch)
+    assert (schedule.total_steps, schedule.warmup_steps) == (20 * per_epoch, 2 * per_epoch)
+    for step in range(schedule.total_steps + 2):
+        expected = _insightface_poly_lr(step, base=0.4, max_steps=20 * per_epoch, warmup_steps=2 * per_epoch,
+                                        power=2)
+        assert job.optim.lr * lr_factor(step, job, schedule) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_lengths_in_epochs_resolve_with_the_epoch_length(tiny_job):
     job = job_from_dict(tiny_job(train={"steps": None, "epochs": 2.5},
                                  optim={"warmup_steps": 0, "warmup_epochs": 0.5, "schedule": "piecewise",

@@ -81,7 +81,7 @@ def step(world: World, case: str) -> dict:
         from facekd.distributed.engine import deepspeed_config
 
         config = deepspeed_config(job.deepspeed, micro_batch=per_rank, world_size=world.world_size,
-                                  clip_grad_norm=0.0, precision=torch.float32)
+                                  clip_grad_norm=0.0)
         optimiser = DeepSpeedOptimiser(torch.nn.ModuleDict({"backbone": backbone, "distiller": distiller}), head,
                                        build_sgd=lambda p: build_optimizer(job.optim, p, world.device),
                                        config=config, world=world, clip_grad_norm=0.0)

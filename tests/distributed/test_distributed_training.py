@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -151,3 +152,23 @@ def test_resume_on_three_ranks_from_two_reshards_the_classifier(tiny_job, teache
     for key in ("head", "backbone.conv1.weight" if "backbone.conv1.weight" in before else next(iter(before))):
         step = (after[key] - before[key]).abs().max()
         assert 0 < step < 0.5 * before[key].abs().max(), key
+
+
+CLUSTER_SPECS = sorted((Path(__file__).parents[2] / "jobs" / "cluster").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CLUSTER_SPECS, ids=[path.stem for path in CLUSTER_SPECS])
+def test_cluster_specs_run_on_two_cpu_ranks(path, tiny_data, teacher_on_two_ranks, tmp_path):
+    """Each cluster job spec as written (ZeRO-1, bf16 autocast, partial FC, sharded distillation), pointed at the
+    tiny shards and shrunk to two CPU ranks."""
+    overrides = [
+        f"data.manifest={tiny_data / 'shards'}", "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "model.width=0.25", "model.embedding_dim=16", "head.s=16.0", f"train.output_dir={tmp_path / 'run'}",
+        "train.steps=2", "train.epochs=null", "train.batch_size=4", "train.device=cpu", "eval.bins=[]",
+        "optim.warmup_epochs=0", f"distill.teacher={teacher_on_two_ranks}",
+    ]
+    if "teacher" in path.stem:
+        overrides.remove(f"distill.teacher={teacher_on_two_ranks}")
+    _train(path, 2, *[part for item in overrides for part in ("--set", item)])
+    state = load_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state["step"] == 2 and state["world_size"] == 2
