@@ -80,7 +80,7 @@ def test_the_webface42m_spec_has_insightfaces_poly_schedule():
     per_epoch = 11
     schedule = Schedule.of(job, per_epoch)
     assert (schedule.total_steps, schedule.warmup_steps) == (20 * per_epoch, 2 * per_epoch)
-    for step in range(schedule.total_steps + 2):
+    for step in range(schedule.total_steps):
         expected = _insightface_poly_lr(step, base=0.4, max_steps=20 * per_epoch, warmup_steps=2 * per_epoch,
                                         power=2)
         assert job.optim.lr * lr_factor(step, job, schedule) == pytest.approx(expected, rel=1e-12, abs=1e-15)
