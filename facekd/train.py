@@ -149,7 +149,6 @@ class _LogWindow:
         sums = self.sums.clone()
         world.all_reduce(sums, "sum")
         label_mean, distill_mean = (sums / (self.steps * world.world_size)).tolist()
-        label_mean = label_mean if not world.distributed else label_mean  # every rank holds the same label loss
         images_per_second = self.steps * batch_size * world.world_size / (time.perf_counter() - self.start)
         self.sums.zero_()
         self.steps, self.start = 0, time.perf_counter()

@@ -65,7 +65,7 @@ def test_defaults_fill_a_minimal_spec(tmp_path):
         ({"train": {"output_dir": "o", "steps": "ten"}}, "'train.steps' must be int, got 'ten'"),
         ({"train": {"output_dir": "o", "steps": 0}}, "'train.steps' must be positive, got 0"),
         ({"model": {"backbone": "resnet9"}}, "'model.backbone' must be one of"),
-        ({"optim": {"schedule": "step"}}, "'optim.schedule' must be one of ['cosine', 'piecewise']"),
+        ({"optim": {"schedule": "step"}}, "'optim.schedule' must be one of ['cosine', 'piecewise', 'poly']"),
         ({"distill": {"methods": {"gkd": 1.0}}}, "'distill.teacher' is required for ['gkd']"),
         ({"distill": {"methods": {"gdk": 1.0}, "teacher": "t"}}, "'distill.methods' has unknown method 'gdk'"),
         ({"distill": {"methods": {"gkd": "x"}, "teacher": "t"}}, "'distill.methods.gkd' must be float, got 'x'"),

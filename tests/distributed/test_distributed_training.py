@@ -154,7 +154,9 @@ def test_resume_on_three_ranks_from_two_reshards_the_classifier(tiny_job, teache
         assert 0 < step < 0.5 * before[key].abs().max(), key
 
 
-CLUSTER_SPECS = sorted((Path(__file__).parents[2] / "jobs" / "cluster").glob("*.yaml"))
+JOBS = Path(__file__).parents[2] / "jobs"
+# the cluster specs, and the one MS1MV2 spec whose step has a second (unlabeled) stream
+CLUSTER_SPECS = [*sorted((JOBS / "cluster").glob("*.yaml")), JOBS / "ms1mv2_mobilefacenet_srrl_unlabeled.yaml"]
 
 
 @pytest.mark.parametrize("path", CLUSTER_SPECS, ids=[path.stem for path in CLUSTER_SPECS])
@@ -169,6 +171,9 @@ def test_cluster_specs_run_on_two_cpu_ranks(path, tiny_data, teacher_on_two_rank
     ]
     if "teacher" in path.stem:
         overrides.remove(f"distill.teacher={teacher_on_two_ranks}")
+    if "unlabeled" in path.stem:
+        overrides += [f"data.unlabeled_manifest={tiny_data / 'shards'}", "model.init_from=null",
+                      "deepspeed.zero_optimization.stage=1"]
     _train(path, 2, *[part for item in overrides for part in ("--set", item)])
     state = load_checkpoint(tmp_path / "run" / "checkpoints")
     assert state["step"] == 2 and state["world_size"] == 2
