@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from facekd.distill.distiller import Distiller, Outputs, gather_batch
 from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import (
     STATE, _save_file, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
-    read_file, write_checkpoint,
+    read_file, verify_checkpoint, write_checkpoint,
 )
 from facekd.distributed.engine import DeepSpeedOptimiser, LocalOptimiser, deepspeed_config
 from facekd.distributed.world import World, launched_by_a_launcher
@@ -51,7 +51,7 @@ from facekd.network import (
     CHECKPOINT_FORMAT, autocast_for, build_network, head_rows, load_network, resolve_device, resolve_precision,
 )
 
-__all__ = ["Schedule", "Trainer", "batches_per_epoch", "build_optimizer", "lr_factor"]
+__all__ = ["Reporter", "Schedule", "Trainer", "batches_per_epoch", "build_optimizer", "lr_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,19 +189,30 @@ def _classifier_file(rank: int) -> str:
     return f"classifier/rank_{rank:05d}.pt"
 
 
+Reporter = Callable[[dict[str, float], "Path | None"], None]
+"""Called on every rank, at every logging step and every checkpoint, with the metrics the progress bar shows
+(the same on every rank) and the checkpoint just written (None at a step without one): how a scheduler
+(Ray Train) hears of the run. Every rank calls it the same number of times."""
+
+
 class Trainer:
     """Trains the network of one job spec; :meth:`fit` runs it to its last step (or resumes it).
 
     ``world``: the ranks to train on; by default one process, or the job a launcher describes in the
-    environment (``RANK``, ``WORLD_SIZE``, ...).
+    environment (``RANK``, ``WORLD_SIZE``, ...). ``resume_from``: a checkpoint folder to continue from
+    (e.g. one a scheduler restored) instead of the newest of the run's own. ``reporter``: see
+    :data:`Reporter`.
     """
 
     def __init__(self, job: JobConfig, *, resume: bool = False, progress: bool = True,
-                 world: World | None = None) -> None:
+                 world: World | None = None, resume_from: Path | None = None, reporter: Reporter | None = None
+                 ) -> None:
         self.job = job
-        self.resume = resume
+        self.resume = resume or resume_from is not None
         self.progress = progress
         self.world = world
+        self.resume_from = None if resume_from is None else Path(resume_from)
+        self.reporter = reporter
         self.output_dir = Path(job.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.last_checkpoint: Path | None = None  # the newest checkpoint known to hold a good state
@@ -372,6 +383,7 @@ class Trainer:
                 label_loss, distill_loss = self._step(run, batch)
                 run.step += 1
                 window.add(label_loss, distill_loss, batch.num_corrupt + batch.num_unlabelled)
+                metrics, written = None, None
 
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
@@ -388,6 +400,8 @@ class Trainer:
                     if run.distiller.methods:
                         postfix["kd"] = f"{distill_mean:.3f}"
                     bar.set_postfix(postfix)
+                    metrics = {"step": run.step, "loss_label": label_mean, "loss_distill": distill_mean,
+                               "lr": run.lr, "images_per_second": images_per_second}
                 if run.step % train.checkpoint_every == 0 or run.step == last_step:
                     # never let a diverged state replace (and rotate away) the good checkpoints
                     if not window.all_finite(world):
@@ -396,7 +410,9 @@ class Trainer:
                                                       for tensor in module.state_dict().values()
                                                       if tensor.is_floating_point()])):
                         self._diverged(f"the weights or normalisation statistics became non-finite by step {run.step}")
-                    self.last_checkpoint = self._save(run)
+                    self.last_checkpoint = written = self._save(run)
+                if self.reporter is not None and (metrics is not None or written is not None):
+                    self.reporter(metrics or {"step": run.step}, written)
                 bar.update(1)
         finally:
             bar.close()
@@ -486,6 +502,9 @@ class Trainer:
 
     def _pick_checkpoint(self) -> Path | None:
         """Rank 0's choice of the checkpoint to resume from (verified), None for a fresh run."""
+        if self.resume_from is not None:
+            verify_checkpoint(self.resume_from)
+            return self.resume_from
         clean_partial_checkpoints(self.checkpoint_dir)
         found = list_checkpoints(self.checkpoint_dir)
         if not found:
