@@ -28,7 +28,7 @@ setup(
         "torch>=2.5,<2.14",
         "triton>=3.1",
         "deepspeed>=0.15",
-        "ray[train]>=2.30",
+        "ray[default,train]>=2.30",  # default: the dashboard and Job Submission server of `ray start --head`
         "webdataset>=0.2.90",
         "numpy>=1.24",
         "pyyaml>=6",

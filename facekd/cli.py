@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from facekd.errors import DataError, FacekdError, TrainingError
+from facekd.errors import ConfigError, DataError, FacekdError, TrainingError
 
 __all__ = ["main"]
 
@@ -51,7 +51,13 @@ def _train(args: argparse.Namespace) -> None:
     from facekd.config import load_job
 
     job = load_job(args.job, args.set)  # checked here, before any rank starts
+    if args.ray:
+        _train_on_ray(job, args)
+        return
     if args.nproc_per_node is not None:
+        from facekd.ray_train import check_before_launch
+
+        check_before_launch(job, args.nproc_per_node)
         _launch_local(args)
         return
     from facekd.distributed.world import launched_by_a_launcher
@@ -65,6 +71,19 @@ def _train(args: argparse.Namespace) -> None:
             trainer.world.close()
     if trainer.world.is_main:
         print(json.dumps(summary, indent=2))
+
+
+def _train_on_ray(job, args: argparse.Namespace) -> None:
+    """``--ray``: the job on Ray Train workers of a cluster (``--address``) or of a Ray started here."""
+    from facekd.distributed.ray_launch import check_address
+    from facekd.ray_train import ray_settings, train_on_ray
+
+    if args.nproc_per_node is not None:
+        raise ConfigError("--ray and --nproc-per-node are two launchers: give one (--workers sets Ray's ranks)")
+    job = ray_settings(job, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)
+    summary = train_on_ray(job, address=check_address(args.address), resume=args.resume)
+    print(json.dumps(summary, indent=2))
 
 
 def _launch_local(args: argparse.Namespace) -> None:
@@ -120,6 +139,26 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    """argparse type of resource amounts: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _ray_resource_flags(group: argparse._ArgumentGroup) -> None:
+    """--workers, --cpus-per-worker, --gpus-per-worker: shared by 'train --ray' and 'submit'."""
+    group.add_argument("--workers", type=_positive_int, default=None, metavar="N", help="Ray Train workers (ranks)")
+    group.add_argument("--cpus-per-worker", type=_positive_float, default=None, metavar="K",
+                       help="CPUs reserved for each worker")
+    group.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                       help="GPUs reserved for each worker (0: train on CPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facekd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="N",
                        help="run N ranks on this machine (torchrun); for several machines use torchrun itself: "
                             "torchrun --nnodes M --nproc-per-node N -m facekd train JOB.yaml")
+    ray = train.add_argument_group("Ray cluster", "run the ranks as Ray Train workers (see README 'Ray cluster'); "
+                                                  "these flags override the spec's ray section")
+    ray.add_argument("--ray", action="store_true", help="train with Ray Train instead of in this process")
+    ray.add_argument("--address", default=None,
+                     help="cluster to join: auto, or ray://HOST:10001 (default: RAY_ADDRESS, else a Ray started here)")
+    _ray_resource_flags(ray)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")

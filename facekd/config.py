@@ -382,6 +382,37 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class RayConfig:
+    """How ``facekd train --ray`` and ``facekd submit`` run the job on a Ray cluster (Ray Train's ``TorchTrainer``);
+    command-line flags override these. Ignored by the other launchers."""
+
+    workers: int = 1
+    """Training processes (ranks), one per GPU on a GPU cluster."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker (its data-loader processes run on them too)."""
+    gpus_per_worker: float = 0.0
+    """GPUs Ray reserves for each worker; 0 trains on CPUs (gloo), more than 0 on GPUs (NCCL)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps the run's checkpoints and reported metrics: a folder every node sees (a shared file
+    system) or an object-store URI (``s3://…``, ``gs://…``). None: ``<train.output_dir>/ray``, enough on one
+    machine."""
+    name: str | None = None
+    """Name of the run in the storage path; the same name and storage path resume it. None: the job's name."""
+    max_failures: int = 3
+    """Restarts of the worker group after a worker dies, each from the last checkpoint; -1: without limit."""
+    num_to_keep: int | None = None
+    """Checkpoints Ray keeps in the storage path; None: as many as ``train.keep_checkpoints``."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be positive, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.max_failures >= -1, "max_failures", f"must be >= -1, got {self.max_failures}")
+        _check(self.num_to_keep is None or self.num_to_keep >= 1, "num_to_keep",
+               f"must be >= 1, got {self.num_to_keep}")
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     name: str
     """Name of the run, used in logs and result tables."""
@@ -392,6 +423,7 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed's own configuration (``zero_optimization``, ``bf16``, ``communication_data_type``, ...), passed
     to ``deepspeed.initialize`` unchanged when the job runs on several ranks. Batch size, learning rate,

@@ -492,7 +492,7 @@ class Trainer:
         newest = Path(decision[1])
         state = load_checkpoint(newest, verify=False)
         stored = job_from_dict(state["job"], source=str(newest))
-        if job_to_dict(stored) | {"train": None} != job_to_dict(self.job) | {"train": None}:
+        if job_to_dict(stored) | {"train": None, "ray": None} != job_to_dict(self.job) | {"train": None, "ray": None}:
             raise ConfigError(
                 f"{newest} was written by a different job spec; resume only with the spec that started the run "
                 "(only the train section may change, e.g. more steps)"

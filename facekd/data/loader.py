@@ -59,8 +59,8 @@ from facekd.data.convert import read_manifest
 from facekd.errors import ConfigError, DataError, FacekdError
 
 __all__ = [
-    "Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "decode_image", "epoch_length",
-    "to_float",
+    "Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "check_enough_shards", "decode_image",
+    "epoch_length", "to_float",
 ]
 
 logger = logging.getLogger(__name__)
@@ -377,6 +377,21 @@ def _where(sample: dict[str, Any]) -> str:
     return f"sample {sample.get('__key__')} of shard {sample.get('__url__')}"
 
 
+def check_enough_shards(shard_sizes: Sequence[int], *, world_size: int, num_workers: int, resampled: bool,
+                        source: str = "") -> None:
+    """Without resampling every stream (a loader worker of a rank) is dealt shards of its own: fewer non-empty
+    shards than ``world_size`` x workers would leave a stream with nothing to read and its rank waiting forever.
+    Raises ConfigError then; launchers call it before they start any rank."""
+    streams = world_size * max(num_workers, 1)
+    nonempty = sum(1 for size in shard_sizes if size > 0)
+    if not resampled and nonempty < streams:
+        raise ConfigError(
+            f"{source + ': ' if source else ''}{nonempty} non-empty shards cannot be dealt to {world_size} ranks x "
+            f"{max(num_workers, 1)} loader workers = {streams} streams without resampling; set data.resampled: true, "
+            "fewer data.num_workers or ranks, or write more shards (facekd data convert --shard-size)"
+        )
+
+
 class ShardStream(IterableDataset):
     """IterableDataset yielding :class:`Batch` es forever from global batch ``start_batch`` on (see module doc).
 
@@ -427,13 +442,8 @@ class ShardStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
         self.logical_workers = max(num_workers, 1)
-        streams = world_size * self.logical_workers
+        check_enough_shards(shard_sizes, world_size=world_size, num_workers=num_workers, resampled=resampled)
         nonempty = sum(1 for size in shard_sizes if size > 0)
-        if not resampled and nonempty < streams:
-            raise ConfigError(
-                f"{nonempty} non-empty shards cannot be dealt to world_size x workers = {streams} streams without "
-                "resampling; use resampled=True, fewer workers or more shards"
-            )
         self.shard_urls = list(shard_urls)
         self.shard_sizes = list(shard_sizes)
         self.num_classes = num_classes
