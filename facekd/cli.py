@@ -1,4 +1,4 @@
-"""The ``facekd`` command line (also ``python -m facekd``): data, train, eval, demo, bench."""
+"""The ``facekd`` command line (also ``python -m facekd``): data, train, submit, jobs, eval, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,62 @@ def _train_on_ray(job, args: argparse.Namespace) -> None:
                        gpus_per_worker=args.gpus_per_worker)
     summary = train_on_ray(job, address=check_address(args.address), resume=args.resume)
     print(json.dumps(summary, indent=2))
+
+
+def _submit(args: argparse.Namespace) -> None:
+    """Submit ``facekd train JOB --ray`` as a Ray Job; with ``--follow`` stream its logs to its end."""
+    from facekd.config import load_job
+    from facekd.distributed.ray_jobs import dashboard_link
+    from facekd.ray_train import ray_settings, submit_to_ray
+
+    job = ray_settings(load_job(args.job, args.set), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)  # checked here, before anything is sent
+    flags = {"--workers": args.workers, "--cpus-per-worker": args.cpus_per_worker,
+             "--gpus-per-worker": args.gpus_per_worker}
+    train_args = [part for flag, value in flags.items() if value is not None for part in (flag, str(value))]
+    train_args += ["--resume"] * args.resume + [part for item in args.set for part in ("--set", item)]
+    client, job_id = submit_to_ray(args.job, job, address=args.address, train_args=train_args)
+    print(f"submitted {job.name} as Ray job {job_id}")
+    print(f"dashboard: {dashboard_link(client, job_id)}")
+    if args.follow:
+        _follow(client, job_id)
+    else:
+        print(f"follow it with: facekd jobs logs {job_id} --follow")
+
+
+def _follow(client, job_id: str) -> None:
+    """Stream a job's logs to its end; a job that did not succeed is an error (exit status 2)."""
+    from facekd.distributed.ray_jobs import describe, follow
+
+    status = follow(client, job_id)
+    print(f"job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        message = describe(client, job_id)["message"] or ""
+        raise TrainingError(f"Ray job {job_id} ended {status}: {message}")
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    from facekd.distributed.ray_jobs import connect, describe, list_jobs
+
+    client = connect(args.address)
+    if args.jobs_command == "list":
+        rows = list_jobs(client)
+        for row in rows:
+            print(f"{row['id']}  {row['status']:<9}  {row['start_time'] or '-':<19}  {row['entrypoint']}")
+        if not rows:
+            print("no jobs")
+    elif args.jobs_command == "status":
+        row = describe(client, args.id)
+        print(f"{row['id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
+    elif args.jobs_command == "logs":
+        describe(client, args.id)  # an unknown id is an error, not an empty log
+        if args.follow:
+            _follow(client, args.id)
+        else:
+            print(client.get_job_logs(args.id), end="")
+    else:
+        stopped = client.stop_job(args.id)
+        print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
 
 
 def _launch_local(args: argparse.Namespace) -> None:
@@ -209,6 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cluster to join: auto, or ray://HOST:10001 (default: RAY_ADDRESS, else a Ray started here)")
     _ray_resource_flags(ray)
     train.set_defaults(handler=_train)
+
+    submit = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs), optionally follow it")
+    submit.add_argument("job", type=Path, help="job spec (see jobs/); its paths must be valid on the cluster")
+    submit.add_argument("--address", default=None,
+                        help="the head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it ends; exit 0 only when it SUCCEEDED")
+    submit.add_argument("--resume", action="store_true",
+                        help="continue from checkpoints in train.output_dir that Ray's storage does not know")
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a key of the spec (repeatable)")
+    _ray_resource_flags(submit)
+    submit.set_defaults(handler=_submit)
+
+    jobs = commands.add_parser("jobs", help="the Ray jobs of a cluster: list, status, logs, stop (as 'ray job')")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    for name, what in (("list", "every job"), ("status", "a job's status"), ("logs", "a job's logs"),
+                       ("stop", "stop a job")):
+        command = jobs_commands.add_parser(name, help=what)
+        if name != "list":
+            command.add_argument("id", help="the job id 'facekd submit' printed")
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream until the job ends")
+        command.add_argument("--address", default=None, help="http://HEAD:8265 (default: RAY_ADDRESS)")
+        command.set_defaults(handler=_jobs)
 
     evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")
     evaluate.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints or run folders")

@@ -16,7 +16,7 @@ from typing import Any
 from facekd.config import JobConfig, job_from_dict, job_to_dict
 from facekd.errors import ConfigError
 
-__all__ = ["check_before_launch", "ray_settings", "storage_of", "train_on_ray"]
+__all__ = ["check_before_launch", "ray_settings", "storage_of", "submit_to_ray", "train_on_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,59 @@ def train_on_ray(job: JobConfig, *, address: str | None = None, resume: bool = F
     metrics = dict(result.metrics or {})
     return {"name": job.name, "step": metrics.get("step"), "metrics": metrics, "workers": settings.workers,
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "storage": result.path}
+
+
+def submit_to_ray(job_file: Path, job: JobConfig, *, address: str | None, train_args: list[str]) -> tuple[Any, str]:
+    """Submit ``facekd train JOB --ray --address auto TRAIN_ARGS`` as a Ray Job; returns (client, job id).
+
+    The job spec and this copy of facekd travel in the job's ``runtime_env`` (its ``working_dir``), so the
+    cluster needs facekd's dependencies but not facekd itself. The paths in the spec are read on the
+    cluster: they must be absolute and the same on every node (a shared file system, or URLs).
+    """
+    import shlex
+    import tempfile
+
+    from facekd.distributed.ray_jobs import connect, submit
+
+    spec = job_to_dict(job)
+    relative = [f"{section}.{key}" for section, key in _PATHS
+                if isinstance(spec[section].get(key), str) and _is_relative(spec[section][key])]
+    relative += [f"eval.bins[{i}]" for i, path in enumerate(spec["eval"]["bins"]) if _is_relative(path)]
+    if relative:
+        raise ConfigError(f"{job_file}: {', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, but a "
+                          "submitted job runs in a copy of the project on the cluster: give absolute paths that every "
+                          "node sees (a shared file system) or URLs")
+    client = connect(address)
+    with tempfile.TemporaryDirectory(prefix="facekd_submit_") as staging:
+        working_dir = Path(staging)
+        _copy_project(working_dir)
+        (working_dir / job_file.name).write_bytes(job_file.read_bytes())
+        command = ["python", "-m", "facekd", "train", job_file.name, "--ray", "--address", "auto", *train_args]
+        env = {"DS_ACCELERATOR": "cpu"} if job.ray.gpus_per_worker == 0 else {}
+        job_id = submit(client, shlex.join(command), working_dir=working_dir, env_vars=env,
+                        metadata={"facekd_job": job.name})
+    return client, job_id
+
+
+def _is_relative(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:") and not Path(path).expanduser().is_absolute()
+
+
+def _copy_project(folder: Path) -> None:
+    """This facekd as one package under ``folder``: ``facekd/`` with ``kernels/`` and ``distributed/`` inside it,
+    as setup.py maps them (what the cluster imports ahead of any facekd installed there)."""
+    import importlib.util
+    import shutil
+
+    def source(name: str) -> Path:
+        return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(source("facekd"), folder / "facekd", ignore=ignore)
+    for part in ("kernels", "distributed"):
+        target = folder / "facekd" / part
+        if not target.exists():  # an installed (not editable) facekd already holds them
+            shutil.copytree(source(f"facekd.{part}"), target, ignore=ignore)
 
 
 def _absolute_paths(spec: dict[str, Any]) -> dict[str, Any]:
