@@ -177,3 +177,13 @@ def test_cluster_specs_run_on_two_cpu_ranks(path, tiny_data, teacher_on_two_rank
     _train(path, 2, *[part for item in overrides for part in ("--set", item)])
     state = load_checkpoint(tmp_path / "run" / "checkpoints")
     assert state["step"] == 2 and state["world_size"] == 2
+
+
+def test_an_error_on_a_rank_names_the_rank(tiny_job, tmp_path):
+    spec = _spec(tiny_job, "no_teacher", model={"backbone": "mobilefacenet", "width": 0.25},
+                 distill={"methods": {"kd": 1.0}, "teacher": str(tmp_path / "missing")})
+    result = subprocess.run(_command(_write(spec, tmp_path), 2), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    for rank in (0, 1):
+        assert f"facekd: error: rank {rank}: checkpoint {tmp_path / 'missing'} does not exist" in result.stderr
+    assert "facekd: error: 2 ranks of" in result.stderr.splitlines()[-1]
