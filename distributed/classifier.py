@@ -135,11 +135,12 @@ class ShardedClassifier(nn.Module):
         synchronisation) are skipped.
         """
         embeddings = embeddings.to(self.weight.dtype)
-        if not self.sharded:
-            return margin_softmax_ce(embeddings, self.weight, labels, class_index=class_index,
-                                     margin_grad=self.margin_grad, check_values=False, **self.margin)
+        if not self.sharded and class_index is None:
+            return margin_softmax_ce(embeddings, self.weight, labels, margin_grad=self.margin_grad,
+                                     check_values=False, **self.margin)
         return margin_softmax_ce_sharded(embeddings, self.weight, labels, class_offset=self.class_offset,
-                                         num_classes=self.num_classes, all_reduce=self.world.reducer,
+                                         num_classes=self.num_classes,
+                                         all_reduce=self.world.reducer if self.sharded else None,
                                          class_index=class_index, margin_grad=self.margin_grad, check_values=False,
                                          **self.margin)
 

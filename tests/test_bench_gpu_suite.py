@@ -15,7 +15,7 @@ from facekd.bench.suite_kernels import largest_fitting
 from facekd.kernels import checks
 from facekd.kernels.backend import requested_backend
 
-ITEMS = ("correctness", "margin_ce", "grouped_kd", "training_step", "data")
+ITEMS = ("correctness", "margin_ce", "grouped_kd", "training_step", "data", "partial_fc")
 
 
 def _injected_case(name, fault):
@@ -115,6 +115,13 @@ def test_training_step_and_data_feed(dry_run):
     assert data["loader_images_per_s_per_core"] > 0
     assert {row["config"] for row in data["feeding"]} == set(steps)
     assert all(row["cores_needed"] > 0 for row in data["feeding"])
+
+
+def test_partial_fc_runs_one_rank_with_its_teacher(dry_run):
+    _, summary = dry_run
+    (row,) = summary["items"]["partial_fc"]["rows"]
+    assert row["config"] == "tiny" and row["W"] == 1 and row["teacher"] == "on" and row["samples_per_s"] > 0
+    assert row["held_bytes"] == row["accounted_state"]
 
 
 def test_outputs_fit_what_the_device_returns(dry_run):

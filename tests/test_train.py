@@ -397,3 +397,9 @@ def test_resume_refuses_data_with_another_number_of_classes(tiny_job, tmp_path):
     save_checkpoint(state, tmp_path / "run" / "checkpoints", 2)
     with pytest.raises(CheckpointError, match="holds a head of 9 classes, but .* now has 6"):
         Trainer(job, resume=True, progress=False).fit()
+
+
+def test_partial_fc_sampling_trains_in_one_process(tiny_job):
+    job = job_from_dict(tiny_job("sampled", head={"sample_rate": 0.5}, train={"steps": 4, "checkpoint_every": 4}))
+    summary = Trainer(job, progress=False).fit()
+    assert summary["step"] == 4 and math.isfinite(summary["loss"])

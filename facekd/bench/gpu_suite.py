@@ -13,7 +13,9 @@ Its items, in order of value (facekd/bench/GPU.md says how to run it on a lent m
 4. ``training_step`` — MobileFaceNet student with a frozen IResNet-50 teacher, 112 px, batch 512, bf16,
    synthetic data on the device: images/s without distillation, with KD, with GKD; the teacher's step;
 5. ``data`` — JPEG decode + augmentation images/s per CPU core (:func:`facekd.bench.data.measure`),
-   and the cores one GPU needs to feed each step of item 4.
+   and the cores one GPU needs to feed each step of item 4;
+6. ``partial_fc`` — one rank's sharded student and teacher classifiers at 2,059,906 and 3,625,000 identities
+   per GPU (:mod:`facekd.bench.suite_partial_fc`): samples/s and peak memory beside the accounting.
 
 Each item gets a share of ``--budget-s``; time an item leaves unused passes to the next. Before
 each part an item compares its estimated cost with the time left and skips, with a note, what does
@@ -136,7 +138,7 @@ class Item:
 
 
 def _items() -> tuple[Item, ...]:
-    from facekd.bench import suite_kernels, suite_training
+    from facekd.bench import suite_kernels, suite_partial_fc, suite_training
 
     return (
         Item("correctness", "1. Triton kernels against the float64 torch reference", 0.30, 10.0,
@@ -145,6 +147,8 @@ def _items() -> tuple[Item, ...]:
         Item("grouped_kd", "3. Grouped KD", 0.10, 15.0, suite_kernels.grouped_kd),
         Item("training_step", "4. Training step", 0.18, 30.0, suite_training.training_step),
         Item("data", "5. Data loading", 0.14, 20.0, suite_training.data_feed),
+        Item("partial_fc", "6. Partial FC at 2M and 3.6M identities per GPU", 0.10, 60.0,
+             suite_partial_fc.partial_fc_item),
     )
 
 

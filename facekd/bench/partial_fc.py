@@ -81,8 +81,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--classes {args.classes} cannot be sharded over --nproc {args.nproc} ranks")
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
-    """Launch the ranks, then render the table and chart from the JSON rank 0 wrote; returns the paths."""
+def run(args: argparse.Namespace, *, timeout_s: float | None = None) -> dict[str, Path]:
+    """Launch the ranks, then render the table and chart from the JSON rank 0 wrote; returns the paths.
+    ``timeout_s`` bounds the ranks' wall time (the GPU suite's budget)."""
     if args.table:
         return write_table(args.out)
     _check(args)
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 "--batch", str(args.batch), "--sample-rate", str(args.sample_rate), "--steps", str(args.steps),
                 "--warmup", str(args.warmup), "--teacher", args.teacher, "--device", args.device,
                 "--out", str(args.out)]
-    returncode = subprocess.call(command)
+    returncode = subprocess.run(command, timeout=timeout_s).returncode
     if returncode != 0:
         raise RuntimeError(f"{args.nproc} ranks of the partial-FC benchmark ended with exit status {returncode} "
                            "(each rank's error is printed above)")

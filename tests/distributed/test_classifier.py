@@ -54,3 +54,19 @@ def test_sampling_keeps_every_positive_and_is_a_function_of_seed_step_and_rank()
     crowded = ShardedClassifier(1000, 8, world=_world(1, 2), sample_rate=0.004, seed=5, **MARGIN)
     assert crowded.sample_classes(labels, step=7).tolist() == [1, 277, 499]
     assert ShardedClassifier(10, 8, **MARGIN).sample_classes(labels % 10, step=0) is None  # sample_rate 1
+
+
+def test_one_process_with_sampling_takes_global_labels():
+    """sample_rate < 1 in one process: the loss is the margin loss over the sampled classes alone, the labels
+    mapped to their places in the sample (a one-process run must not read a global label as a position)."""
+    from facekd.kernels import margin_softmax_ce
+
+    torch.manual_seed(0)
+    head = ShardedClassifier(40, 8, sample_rate=0.25, seed=1, **MARGIN).double()
+    embeddings = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.tensor([39, 0, 17, 17, 5, 22])
+    index = head.sample_classes(labels, step=3)
+    assert index.numel() == 10 and set(labels.tolist()) <= set(index.tolist())
+    positions = torch.searchsorted(index, labels)
+    expected = margin_softmax_ce(embeddings, head.weight[index], positions, **MARGIN)
+    torch.testing.assert_close(head(embeddings, labels, index), expected, rtol=1e-12, atol=0)
