@@ -47,13 +47,20 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     backbone: str
-    """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100`` or ``mobilefacenet``."""
+    """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet`` (Chen et al.)
+    or ``mobilefacenet_arcface_torch`` (insightface arcface_torch's ``mbf``, what ``facekd import insightface`` builds)."""
     width: float = 1.0
     """Channel multiplier (Wang & Lan 2017's ResNet/2, /4, /8 students are 0.5, 0.25, 0.125)."""
     embedding_dim: int = 512
     """Size of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface uses 0 for MS1M)."""
+    normalize: Literal["mxnet", "arcface_torch"] = "mxnet"
+    """How this network's uint8 RGB pixels x become its input, in training, as a teacher, in evaluation and in an
+    export: ``mxnet`` (x − 127.5)/128, as the MXNet-era insightface models and every facekd-trained network;
+    ``arcface_torch`` (x − 127.5)/127.5 = (x/255 − 0.5)/0.5, as insightface arcface_torch trains (its model-zoo
+    backbones, which ``facekd import insightface`` sets to this). Stored with every checkpoint; a teacher is fed
+    by its own setting."""
     init_from: str | None = None
     """Checkpoint or run folder whose backbone (and head, same classes) starts a fresh run: Wang & Lan's
     student initialisation (train S0 on labels, then distil into it)."""

@@ -298,12 +298,14 @@ def embed_images(
     batch_size: int = 64,
     device: torch.device | str,
     progress: bool = True,
+    normalize: str = "mxnet",
 ) -> np.ndarray:
     """Embed encoded images with the flip trick: ``f(x) + f(flip(x))`` per image, as float32 [N, D].
 
     The model runs in eval mode under ``torch.no_grad()`` and is put back in its previous mode afterwards.
-    Images are decoded with :func:`facekd.data.loader.decode_image` (RGB, ``(x - 127.5) / 128``, resized
-    to ``image_size``). Each batch holds ``batch_size`` images and is run twice, once flipped, so memory
+    Images are decoded with :func:`facekd.data.loader.decode_image` (RGB, normalised as the network was
+    trained: ``normalize`` is its ``model.normalize``, ``(x - 127.5) / 128`` by default), resized
+    to ``image_size``. Each batch holds ``batch_size`` images and is run twice, once flipped, so memory
     stays that of one ``batch_size`` forward. The sum is not normalised: the metrics here normalise.
     """
     from facekd.data.loader import decode_image  # the loader pulls in the data pipeline; import on use
@@ -320,7 +322,7 @@ def embed_images(
         with torch.no_grad():
             starts = range(0, len(images), batch_size)
             for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress):
-                batch = torch.stack([decode_image(image, image_size) for image in images[start : start + batch_size]])
+                batch = torch.stack([decode_image(image, image_size, normalize) for image in images[start : start + batch_size]])
                 batch = batch.to(device, non_blocking=True)
                 embedding = model(batch)
                 if not isinstance(embedding, torch.Tensor) or embedding.ndim != 2 or embedding.shape[0] != len(batch):
@@ -344,8 +346,10 @@ def evaluate_bin(
     model_name: str | None = None,
     far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
     progress: bool = True,
+    normalize: str = "mxnet",
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on an insightface verification ``.bin`` file.
+    """Evaluate ``model`` on an insightface verification ``.bin`` file (images normalised by ``normalize``, the
+    network's ``model.normalize``).
 
     Returns :func:`verification_accuracy`'s keys plus ``model`` (``model_name`` or the model's class
     name), ``dataset`` (the file's stem), ``fpr``/``tpr``/``roc_thresholds`` (:func:`roc_curve`),
@@ -358,7 +362,8 @@ def evaluate_bin(
     images, issame = load_bin(bin_path)
     start = time.perf_counter()
     embeddings = embed_images(
-        model, images, image_size=image_size, batch_size=batch_size, device=device, progress=progress
+        model, images, image_size=image_size, batch_size=batch_size, device=device, progress=progress,
+        normalize=normalize,
     )
     embed_seconds = time.perf_counter() - start
 
@@ -518,7 +523,7 @@ def evaluate_checkpoints(
         for bin_path in bins:
             rows.append(evaluate_bin(
                 network.backbone, bin_path, image_size=network.job.data.image_size, batch_size=batch_size,
-                device=torch_device, model_name=name, progress=progress,
+                device=torch_device, model_name=name, progress=progress, normalize=network.job.model.normalize,
             ))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from facekd.errors import CheckpointError, ConfigError
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
 
-__all__ = ["CHECKPOINT_FORMAT", "Network", "autocast_for", "build_network", "head_rows", "load_network",
+__all__ = ["CHECKPOINT_FORMAT", "Network", "autocast_for", "build_network", "checkpoint_folder", "head_rows", "load_network",
            "resolve_device", "resolve_precision"]
 
 CHECKPOINT_FORMAT = 1
@@ -75,10 +75,14 @@ def build_network(
     return backbone, MarginHead(num_classes, model.embedding_dim, head, world=world, seed=seed)
 
 
-def _checkpoint_folder(path: Path) -> Path:
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    return path
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoint ``path`` names: itself, or the newest of a run folder or of a ``checkpoints/`` folder."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "checkpoints").is_dir():
+        folder = folder / "checkpoints"
+    if folder.is_dir() and not (folder / "index.json").exists():
+        folder = latest_checkpoint(folder) or folder
+    return folder
 
 
 def head_rows(folder: Path, state: dict[str, Any], start: int, end: int) -> torch.Tensor:
@@ -106,9 +110,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu", *, world:
     ``world``: build the head as that world's class shard (rows read from whichever files hold them).
     ``with_head=False`` skips the head (evaluation needs only the backbone).
     """
-    folder = _checkpoint_folder(Path(path))
-    if folder.is_dir() and not (folder / "index.json").exists():
-        folder = latest_checkpoint(folder) or folder  # the newest of a checkpoints/ folder
+    folder = checkpoint_folder(path)
     state = load_checkpoint(folder)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
@@ -120,6 +122,11 @@ def load_network(path: str | Path, device: torch.device | str = "cpu", *, world:
     backbone.to(device).eval()
     if not with_head:
         return Network(backbone, None, job)
+    if "head" not in state and "classifier" not in state:
+        raise CheckpointError(
+            f"{path} holds a backbone without a classifier (an imported model-zoo backbone): give it class centres "
+            f"for your data with 'facekd centres {path} --data MANIFEST' before distilling from it"
+        )
     head = MarginHead(state["num_classes"], model.embedding_dim, job.head, world=world)
     head.load_rows(head_rows(folder, state, head.class_offset, head.class_offset + head.num_local))
     head.to(device).eval()

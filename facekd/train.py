@@ -48,7 +48,7 @@ from facekd.errors import CheckpointError, ConfigError, FacekdError, TrainingErr
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone
 from facekd.network import (
-    CHECKPOINT_FORMAT, autocast_for, build_network, head_rows, load_network, resolve_device, resolve_precision,
+    CHECKPOINT_FORMAT, Network, autocast_for, build_network, head_rows, load_network, resolve_device, resolve_precision,
 )
 
 __all__ = ["Reporter", "Schedule", "Trainer", "batches_per_epoch", "build_optimizer", "lr_factor"]
@@ -179,6 +179,7 @@ class _Run:
     distiller: Distiller
     optimiser: LocalOptimiser | DeepSpeedOptimiser
     lr: float = 0.0  # the learning rate of the last step
+    teacher_normalize: str = "mxnet"  # the teacher's own model.normalize (the input it was trained on)
 
     @property
     def device(self) -> torch.device:
@@ -282,6 +283,8 @@ class Trainer:
 
         # build the frozen teacher and the distillation terms with their adapters
         teacher, distiller = self._build_distillation(backbone, head, loader.batches_per_epoch, device)
+        teacher_backbone = None if teacher is None else teacher.backbone
+        teacher_normalize = job.model.normalize if teacher is None else teacher.job.model.normalize
 
         # build the optimisers: the engine over backbone and adapters, the classifier shard beside it
         optim = job.optim
@@ -297,7 +300,12 @@ class Trainer:
             optimiser = LocalOptimiser(build_optimizer(optim, parameters, device), parameters,
                                        clip_grad_norm=optim.clip_grad_norm, fp16=autocast_dtype == torch.float16,
                                        device=device)
-        run = _Run(world, autocast, step, loader, unlabeled, backbone, head, teacher, distiller, optimiser)
+        run = _Run(world, autocast, step, loader, unlabeled, backbone, head, teacher_backbone, distiller, optimiser,
+                   teacher_normalize=teacher_normalize)
+
+        # every rank drew the same initial weights; from here each draws its own random numbers (dropout)
+        if world.distributed:
+            torch.manual_seed(train.seed + 1_000_003 * (world.rank + 1))
 
         # restore the checkpoint
         if state:
@@ -437,8 +445,9 @@ class Trainer:
     def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on ``batch``; returns (label loss, distillation loss), on the device."""
         # batches arrive as uint8 pixels (a quarter of the copy) and are normalised on the device, bit for bit
-        # as the loader would have (see facekd.data.loader.to_float)
-        images = to_float(batch.images.to(run.device, non_blocking=True))
+        # as the loader would have (see facekd.data.loader.to_float), for each network as it was trained
+        pixels = batch.images.to(run.device, non_blocking=True)
+        images = to_float(pixels, self.job.model.normalize)
         labels = batch.labels.to(run.device, non_blocking=True)
 
         # forward: student backbone, frozen teacher
@@ -447,7 +456,8 @@ class Trainer:
             teacher_outputs = None
             if run.distiller.needs_teacher:
                 with torch.no_grad():
-                    teacher_outputs = _forward(run.teacher, images, run.distiller.needs_stages)
+                    teacher_outputs = _forward(run.teacher, self._teacher_images(run, pixels, images),
+                                               run.distiller.needs_stages)
 
         # a sharded classifier sees the global batch: every rank's embeddings and labels
         gathered = None
@@ -532,10 +542,12 @@ class Trainer:
     def _unlabeled_loss(self, run: _Run, images: torch.Tensor, teacher_outputs: Outputs, batch: Any) -> torch.Tensor:
         """SRRL thesis Sec. 4.2.2: λ·L_KD(U) (Eq. 4.9) plus the mixup term (Eq. 4.11-4.12) for one step."""
         config = self.job.distill.unlabeled
-        unlabeled_images = to_float(batch.images.to(run.device, non_blocking=True))
+        unlabeled_pixels = batch.images.to(run.device, non_blocking=True)
+        unlabeled_images = to_float(unlabeled_pixels, self.job.model.normalize)
         student = _forward(run.backbone, unlabeled_images, run.distiller.needs_stages)
         with torch.no_grad():
-            teacher_unlabeled = _forward(run.teacher, unlabeled_images, run.distiller.needs_stages)
+            teacher_unlabeled = _forward(run.teacher, self._teacher_images(run, unlabeled_pixels, unlabeled_images),
+                                         run.distiller.needs_stages)
         loss, _ = run.distiller(student, teacher_unlabeled, None, run.step)
         loss = config.weight * loss
         if config.mixup_weight > 0:
@@ -547,6 +559,11 @@ class Trainer:
             loss = loss + run.distiller.ramp(run.step) * config.mixup_weight * mixup
         return loss
 
+    def _teacher_images(self, run: _Run, pixels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's input: the student's ``images`` when both networks were trained on the same
+        normalisation, else the uint8 ``pixels`` normalised as the teacher was (an imported insightface model)."""
+        return images if run.teacher_normalize == self.job.model.normalize else to_float(pixels, run.teacher_normalize)
+
     def _initialise(self, backbone: StagedBackbone, head: MarginHead) -> None:
         """Start from ``model.init_from``: its backbone, and its head when it has the same classes."""
         world = self.world if self.world.distributed else None
@@ -555,8 +572,10 @@ class Trainer:
         if dataclasses.replace(source.job.model, init_from=None) != dataclasses.replace(self.job.model, init_from=None):
             raise ConfigError(
                 f"model.init_from {self.job.model.init_from} holds a {source.job.model.backbone} "
-                f"(width {source.job.model.width}, {source.job.model.embedding_dim}-d); this job builds a "
-                f"{self.job.model.backbone} (width {self.job.model.width}, {self.job.model.embedding_dim}-d)"
+                f"(width {source.job.model.width}, {source.job.model.embedding_dim}-d, dropout "
+                f"{source.job.model.dropout}, normalize {source.job.model.normalize}); this job builds a "
+                f"{self.job.model.backbone} (width {self.job.model.width}, {self.job.model.embedding_dim}-d, dropout "
+                f"{self.job.model.dropout}, normalize {self.job.model.normalize})"
             )
         backbone.load_state_dict(source.backbone.state_dict())
         if source.head.num_classes == head.num_classes:
@@ -565,8 +584,8 @@ class Trainer:
 
     def _build_distillation(
         self, backbone: StagedBackbone, head: MarginHead, batches_per_epoch: int, device: torch.device
-    ) -> tuple[StagedBackbone | None, Distiller]:
-        """The frozen teacher backbone (None when no method needs one) and the distillation terms."""
+    ) -> tuple[Network | None, Distiller]:
+        """The frozen teacher (None when no method needs one) and the distillation terms."""
         config = self.job.distill
         teacher = None
         if config.teacher is not None and config.teacher_methods:
@@ -589,4 +608,4 @@ class Trainer:
                                   teacher_head=teacher.head, batches_per_epoch=batches_per_epoch)
         except ValueError as error:
             raise ConfigError(f"distill.teacher {config.teacher}: {error}") from None
-        return teacher.backbone, distiller.to(device).train()
+        return teacher, distiller.to(device).train()

@@ -60,7 +60,7 @@ from facekd.errors import ConfigError, DataError, FacekdError
 
 __all__ = [
     "Batch", "ShardLoader", "ShardReadError", "ShardStream", "build_train_loader", "check_enough_shards", "decode_image",
-    "epoch_length", "to_float",
+    "epoch_length", "NORMALIZATIONS", "check_normalize", "to_float",
 ]
 
 logger = logging.getLogger(__name__)
@@ -331,27 +331,46 @@ def _rgb_into(image: Image.Image, out: np.ndarray, flip: bool = False) -> None:
     out[...] = np.frombuffer(image.tobytes(), np.uint8).reshape(out.shape)
 
 
-def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 3, H, W] = (x − 127.5) / 128 of uint8 RGB pixels [B, H, W, 3], on their device.
+def to_float(pixels: torch.Tensor, normalize: str = "mxnet") -> torch.Tensor:
+    """float32 [B, 3, H, W] network input of uint8 RGB pixels [B, H, W, 3], on their device.
 
-    For batches read with ``uint8_pixels=True``: after the host-to-device copy, this gives bit for bit the images
-    the loader would have made (both steps are exact in float32 on any device).
+    ``normalize`` (a network's ``model.normalize``): ``mxnet`` gives (x − 127.5) / 128 — for batches read with
+    ``uint8_pixels=True``, after the host-to-device copy, bit for bit the images the loader would have made (both
+    steps are exact in float32 on any device); ``arcface_torch`` gives (x − 127.5) / 127.5, insightface
+    arcface_torch's (x/255 − 0.5)/0.5 (the subtraction is exact, the division correctly rounded).
     """
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"expected uint8 pixels [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    check_normalize(normalize)
     images = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    if normalize == "arcface_torch":
+        return images.sub_(127.5).div_(127.5)
     return images.mul_(1 / 128).sub_(127.5 / 128)
 
 
-def decode_image(data: bytes, image_size: int | Sequence[int] = 112) -> torch.Tensor:
-    """Decodes an encoded image to a float32 [3, H, W] tensor normalised to (x − 127.5) / 128 (no flip).
+NORMALIZATIONS = ("mxnet", "arcface_torch")
+"""The input normalisations a network can be trained with (``model.normalize``), see :func:`to_float`."""
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def decode_image(data: bytes, image_size: int | Sequence[int] = 112, normalize: str = "mxnet") -> torch.Tensor:
+    """Decodes an encoded image to a float32 [3, H, W] tensor normalised as :func:`to_float` does (no flip):
+    (x − 127.5) / 128 by default, (x − 127.5) / 127.5 with ``normalize="arcface_torch"``.
 
     The image is converted to RGB and resized (bilinear) to ``image_size`` (int or (H, W)) when its size
     differs. Raises DataError (a ValueError) when the bytes do not decode.
     """
+    check_normalize(normalize)
     height, width = _image_hw(image_size)
+    pixels = _pixels(_resized(_open_rgb(data), height, width))
+    if normalize == "arcface_torch":
+        return to_float(torch.from_numpy(np.ascontiguousarray(pixels[None, :, :, :3])), normalize)[0]
     image = torch.from_numpy(np.empty((3, height, width), np.float32))
-    _normalise_into(_pixels(_resized(_open_rgb(data), height, width)), image.numpy())
+    _normalise_into(pixels, image.numpy())
     return image
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from facekd.models.iresnet import IBasicBlock, IResNet, StagedBackbone
 from facekd.models.mobilefacenet import Bottleneck, MobileFaceNet
 
-BACKBONES: tuple[str, ...] = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
+BACKBONES: tuple[str, ...] = (
+    "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "mobilefacenet_arcface_torch",
+)
 
 __all__ = [
     "BACKBONES",
@@ -33,16 +35,18 @@ def build_backbone(
 ) -> StagedBackbone:
     """Build a backbone by name: one of :data:`BACKBONES`.
 
-    ``width`` scales every layer's channels (0.5, 0.25, 0.125 give Wang & Lan's /2, /4, /8
+    ``mobilefacenet_arcface_torch`` is insightface arcface_torch's MobileFaceNet (``mbf``), whose widths and
+    groups differ from Chen et al.'s (see :mod:`facekd.models.mobilefacenet`). ``width`` scales every layer's channels (0.5, 0.25, 0.125 give Wang & Lan's /2, /4, /8
     students); ``image_size`` is the side of the square input (112 for aligned faces).
     """
-    if name == "mobilefacenet":
+    if name in ("mobilefacenet", "mobilefacenet_arcface_torch"):
         return MobileFaceNet(
             embedding_dim=embedding_dim,
             width=width,
             image_size=image_size,
             dropout=dropout,
             zero_init_residual=zero_init_residual,
+            layout="chen" if name == "mobilefacenet" else "arcface_torch",
         )
     if name in BACKBONES:
         return IResNet(

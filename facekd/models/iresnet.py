@@ -25,12 +25,13 @@ from torch import Tensor, nn
 # Stage widths of IResNet (ArcFace Table 4 / insightface arcface_torch).
 IRESNET_STAGE_CHANNELS: tuple[int, int, int, int] = (64, 128, 256, 512)
 
-# Residual units per stage, insightface arcface_torch ``iresnet{18,34,50,100}``.
+# Residual units per stage, insightface arcface_torch ``iresnet{18,34,50,100,200}``.
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
     50: (3, 4, 14, 3),
     100: (3, 13, 30, 3),
+    200: (6, 26, 60, 6),
 }
 
 NUM_STAGES = 4
@@ -235,14 +236,14 @@ def init_conv_bn(module: nn.Module) -> None:
 
 
 class IResNet(StagedBackbone):
-    """IResNet-18/34/50/100 (ArcFace, insightface arcface_torch ``backbones/iresnet.py``).
+    """IResNet-18/34/50/100/200 (ArcFace, insightface arcface_torch ``backbones/iresnet.py``).
 
     At width 1, 112×112 input and a 512-d embedding: IResNet-18 24,025,600 parameters,
     IResNet-34 34,139,328, IResNet-50 43,590,848, IResNet-100 65,156,160 (insightface's
     43.59M and 65.16M); 12.85M of each is the 25088×512 FC.
 
     Args:
-        depth: 18, 34, 50 or 100.
+        depth: 18, 34, 50, 100 or 200.
         embedding_dim: size of the face embedding (512 in ArcFace).
         width: channel multiplier; 0.5 / 0.25 / 0.125 give Wang & Lan's (2017) ResNet/2, /4, /8.
         image_size: side of the square input crop; the FC input follows the final map size

@@ -22,8 +22,20 @@ stage 2   bottleneck (4, 128, 1, 2), bottleneck (2, 128, 6, 1)          128×14�
 stage 3   bottleneck (4, 128, 1, 2), bottleneck (2, 128, 2, 1)          128×7×7
 head      conv1x1 512, linear GDConv7x7, linear 1×1 → embedding, BN    embedding
 ========  ===========================================================  ============
+
+``layout="arcface_torch"`` builds instead the MobileFaceNet of insightface arcface_torch
+(``backbones/mobilefacenet.py``, ``get_mbf``: ``scale=2``), whose weights its model zoo ships. It is
+not Chen et al.'s table: every width is doubled (stem 128, stages 128/128/256/256), the conv of
+stage 0 is a grouped conv with 64 groups (2 channels each) instead of a depthwise one, the
+bottlenecks expand to a hidden width given per row rather than ``t·in`` (128, 128; 256, 256;
+512, 256: expansion 1 in every residual unit, 2 in the two strided units that change the width),
+stage 1 opens with a stride-2 unit then 4 residual ones, and the 1×1 conv before the GDConv maps
+256 → 512: 2,059,520 parameters with a 512-d embedding. Stages, strides and the
+head's operators are otherwise those above, so the same module tree holds both layouts.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +60,35 @@ MOBILEFACENET_BOTTLENECKS: tuple[tuple[int, int, int, int], ...] = (
 _BOTTLENECK_STAGE = (1, 2, 2, 3, 3)
 STEM_CHANNELS = 64
 HEAD_CHANNELS = 512
+
+# insightface arcface_torch ``get_mbf`` (scale 2): (hidden channels, output channels, repeats, first stride, stage),
+# from its DepthWise(in, out, groups=hidden) / Residual(c, num_block, groups=hidden) rows.
+ARCFACE_TORCH_BOTTLENECKS: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 128, 1, 2, 1),
+    (128, 128, 4, 1, 1),
+    (256, 256, 1, 2, 2),
+    (256, 256, 6, 1, 2),
+    (512, 256, 1, 2, 3),
+    (256, 256, 2, 1, 3),
+)
+ARCFACE_TORCH_STEM_CHANNELS = 128
+
+MobileFaceNetLayout = Literal["chen", "arcface_torch"]
+
+
+def _bottleneck_rows(layout: MobileFaceNetLayout, width: float, stem_channels: int) -> list[tuple[int, int, int, int, int]]:
+    """(hidden, out, repeats, first stride, stage) of every bottleneck row of ``layout`` at ``width``."""
+    if layout == "arcface_torch":
+        return [(scale_channels(hidden, width), scale_channels(out, width), repeats, stride, stage)
+                for hidden, out, repeats, stride, stage in ARCFACE_TORCH_BOTTLENECKS]
+    rows, in_channels = [], stem_channels
+    for (expansion, channels, repeats, stride), stage in zip(MOBILEFACENET_BOTTLENECKS, _BOTTLENECK_STAGE):
+        out_channels = scale_channels(channels, width)
+        rows.append((in_channels * expansion, out_channels, 1, stride, stage))
+        if repeats > 1:
+            rows.append((out_channels * expansion, out_channels, repeats - 1, 1, stage))
+        in_channels = out_channels
+    return rows
 
 
 def conv_bn(
@@ -80,13 +121,13 @@ def conv_bn(
 class Bottleneck(nn.Module):
     """MobileNetV2's inverted residual (Sandler et al. 2018) with PReLU, as in Chen et al.
 
-    1×1 expand to ``t·in`` → depthwise 3×3 (stride) → linear 1×1 project, BN after each;
-    the input is added back when the resolution and width are kept.
+    1×1 expand to ``hidden_channels`` (``t·in`` in Chen et al.) → depthwise 3×3 (stride) → linear 1×1
+    project, BN after each; the input is added back when the resolution and width are kept.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, expansion: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, hidden_channels: int, stride: int) -> None:
         super().__init__()
-        hidden = in_channels * expansion
+        hidden = hidden_channels
         self.expand = conv_bn(in_channels, hidden, kernel_size=1)
         self.depthwise = conv_bn(hidden, hidden, kernel_size=3, stride=stride, groups=hidden)
         self.project = conv_bn(hidden, out_channels, kernel_size=1, activation=False)
@@ -140,6 +181,8 @@ class MobileFaceNet(StagedBackbone):
         dropout: dropout before the embedding layer (not in Chen et al.; default off).
         zero_init_residual: zero the last BN of every residual bottleneck so that it starts
             as the identity (Goyal et al. 2017).
+        layout: ``chen`` (Chen et al. Table 1, the default) or ``arcface_torch`` (insightface's
+            ``get_mbf``, see the module docstring); ``width`` scales either.
     """
 
     def __init__(
@@ -150,9 +193,15 @@ class MobileFaceNet(StagedBackbone):
         image_size: int = 112,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        layout: MobileFaceNetLayout = "chen",
     ) -> None:
         check_backbone_args(embedding_dim=embedding_dim, image_size=image_size, dropout=dropout)
-        stem_channels = scale_channels(STEM_CHANNELS, width)
+        if layout not in ("chen", "arcface_torch"):
+            raise ValueError(f"MobileFaceNet layout must be 'chen' or 'arcface_torch', got {layout!r}")
+        arcface_torch = layout == "arcface_torch"
+        stem_channels = scale_channels(ARCFACE_TORCH_STEM_CHANNELS if arcface_torch else STEM_CHANNELS, width)
+        # stage 0's conv: depthwise in Chen et al., groups of 2 channels in arcface_torch (64 groups at width 1)
+        stage0_groups = stem_channels // 2 if arcface_torch else stem_channels
 
         # build stem: conv3x3 s2 (Chen et al. Table 1, row 1)
         stem = conv_bn(3, stem_channels, kernel_size=3, stride=2)
@@ -160,7 +209,7 @@ class MobileFaceNet(StagedBackbone):
 
         # build stages: depthwise conv3x3 (row 2), then the bottlenecks grouped at each stride 2
         stage_layers: list[list[nn.Module]] = [
-            [conv_bn(stem_channels, stem_channels, kernel_size=3, groups=stem_channels)],
+            [conv_bn(stem_channels, stem_channels, kernel_size=3, groups=stage0_groups)],
             [],
             [],
             [],
@@ -168,13 +217,11 @@ class MobileFaceNet(StagedBackbone):
         sizes = [size]
         feature_channels = [stem_channels, 0, 0, 0]
         in_channels = stem_channels
-        rows = zip(MOBILEFACENET_BOTTLENECKS, _BOTTLENECK_STAGE)
-        for (expansion, channels, repeats, stride), stage in rows:
-            out_channels = scale_channels(channels, width)
+        for hidden_channels, out_channels, repeats, stride, stage in _bottleneck_rows(layout, width, stem_channels):
             for repeat in range(repeats):
                 unit_stride = stride if repeat == 0 else 1
                 stage_layers[stage].append(
-                    Bottleneck(in_channels, out_channels, expansion=expansion, stride=unit_stride)
+                    Bottleneck(in_channels, out_channels, hidden_channels=hidden_channels, stride=unit_stride)
                 )
                 in_channels = feature_channels[stage] = out_channels
                 if unit_stride == 2:
@@ -197,6 +244,7 @@ class MobileFaceNet(StagedBackbone):
             feature_strides=[2, 4, 8, 16],
         )
         self.width = width
+        self.layout = layout
 
         init_conv_bn(self)
         if zero_init_residual:

@@ -443,3 +443,26 @@ def test_batches_equal_a_per_image_reference_bit_for_bit(tmp_path: Path, image_s
 def test_to_float_refuses_what_is_not_a_pixel_batch() -> None:
     with pytest.raises(ValueError, match=r"expected uint8 pixels \[B, H, W, 3\], got torch.float32 \(2, 3, 4, 4\)"):
         to_float(torch.zeros(2, 3, 4, 4))
+
+
+def test_arcface_torch_normalisation_is_insightface_s() -> None:
+    # arcface_torch: ToTensor then Normalize(0.5, 0.5), i.e. (x/255 − 0.5)/0.5 = (x − 127.5)/127.5, in float64
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(6).reshape(2, 16, 16, 3)
+    reference = (pixels.permute(0, 3, 1, 2).double() - 127.5) / 127.5
+    images = to_float(pixels, "arcface_torch")
+    assert images.dtype == torch.float32 and images.min() == -1 and images.max() == 1
+    torch.testing.assert_close(images.double(), reference, rtol=0, atol=6e-8)  # within float32 rounding
+    # the default stays the MXNet-era (x − 127.5)/128, exactly
+    assert torch.equal(to_float(pixels), ((pixels.permute(0, 3, 1, 2).double() - 127.5) / 128).float())
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        to_float(pixels, "imagenet")
+
+
+def test_decode_image_normalises_as_to_float() -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    batch = torch.from_numpy(pixels)[None]
+    for normalize in ("mxnet", "arcface_torch"):
+        assert torch.equal(decode_image(buffer.getvalue(), 12, normalize), to_float(batch, normalize)[0])

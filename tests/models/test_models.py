@@ -11,7 +11,9 @@ TEST_WIDTH = {
     "iresnet34": 0.25,
     "iresnet50": 0.125,
     "iresnet100": 0.125,
+    "iresnet200": 0.125,
     "mobilefacenet": 0.5,
+    "mobilefacenet_arcface_torch": 0.5,
 }
 
 
