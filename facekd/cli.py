@@ -1,4 +1,5 @@
-"""The ``facekd`` command line (also ``python -m facekd``): data, train, submit, jobs, eval, demo, bench."""
+"""The ``facekd`` command line (also ``python -m facekd``): data, train, submit, jobs, eval, import, centres, export,
+demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -161,12 +162,58 @@ def _launch_local(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.bins is not None:
+        from facekd.evaluation.suite import evaluate_suite, find_bins, format_suite_table
+
+        rows = evaluate_suite(args.checkpoints, find_bins(args.bins), out_dir=args.out, cache_dir=args.cache,
+                              device=args.device, batch_size=args.batch_size)
+        print(format_suite_table(rows))
+        print(f"results.json, table.md and roc_<set>.png written under {args.out}")
+        return
     from facekd.eval import evaluate_checkpoints, format_table
 
     rows = evaluate_checkpoints(args.checkpoints, args.bin, out_dir=args.out, device=args.device,
                                 batch_size=args.batch_size)
     print(format_table(rows))
     print(f"results and ROC plot written under {args.out}")
+
+
+def _import_insightface(args: argparse.Namespace) -> None:
+    from facekd.models.insightface import import_insightface
+
+    checkpoint = import_insightface(args.backbone, args.arch, args.out, name=args.name)
+    print(f"{args.backbone} ({args.arch}, inputs normalised as (x − 127.5)/127.5) imported as {checkpoint}; "
+          f"give it class centres with: facekd centres {args.out} --data MANIFEST")
+
+
+def _centres(args: argparse.Namespace) -> None:
+    from facekd.centres import compute_centres
+    from facekd.distributed.world import launched_by_a_launcher
+
+    checkpoint = compute_centres(args.run, args.data, out=args.out, batch_size=args.batch_size,
+                                 num_workers=args.workers, save_every=args.save_every, device=args.device)
+    if checkpoint is not None:
+        print(f"class centres of {args.data} written as the head of {checkpoint}")
+    if launched_by_a_launcher():
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _export(args: argparse.Namespace) -> None:
+    from facekd.export import export_onnx, export_torchscript
+
+    if args.onnx is None and args.torchscript is None:
+        raise ConfigError("give --onnx OUT.onnx, --torchscript OUT.pt or both")
+    if args.onnx is not None:
+        result = export_onnx(args.run, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch)
+        print(f"{result['path']}: input {result['input']} float32 RGB pixels 0-255 (normalisation "
+              f"{result['normalize']} inside the graph), output {result['output']}; onnxruntime vs torch max abs "
+              f"difference {result['max_abs_diff']:.2e}")
+    if args.torchscript is not None:
+        result = export_torchscript(args.run, args.torchscript)
+        print(f"{result['path']}: TorchScript, same input and output; max abs difference {result['max_abs_diff']:.2e}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -293,11 +340,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")
     evaluate.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints or run folders")
-    evaluate.add_argument("--bin", type=Path, nargs="+", required=True, help="verification .bin files")
+    sets = evaluate.add_mutually_exclusive_group(required=True)
+    sets.add_argument("--bin", type=Path, nargs="+", help="verification .bin files")
+    sets.add_argument("--bins", type=Path, metavar="DIR",
+                      help="every .bin in DIR (lfw, cfp_fp, agedb_30, ...): one table, networks as rows")
     evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for results.json and roc.png")
+    evaluate.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                          help="--bins: embedding cache, per checkpoint and file digest (default OUT/embeddings)")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--batch-size", type=_positive_int, default=128)
     evaluate.set_defaults(handler=_eval)
+
+    importer = commands.add_parser("import", help="bring in a model from another toolkit as a facekd run folder")
+    sources = importer.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    insightface = sources.add_parser("insightface", help="an insightface arcface_torch backbone.pth (model zoo)")
+    insightface.add_argument("backbone", type=Path, help="backbone.pth: a state dict (bare, {'state_dict': ...} or "
+                                                          "DDP 'module.'-prefixed)")
+    insightface.add_argument("--arch", required=True, choices=("r18", "r34", "r50", "r100", "r200", "mbf"),
+                             help="arcface_torch's network name (config.network)")
+    insightface.add_argument("--out", type=Path, required=True, help="new run folder")
+    insightface.add_argument("--name", default=None, help="name of the run (default insightface-ARCH)")
+    insightface.set_defaults(handler=_import_insightface)
+
+    centres = commands.add_parser("centres", help="class centres of a teacher on your shards, stored as its head "
+                                                  "(resumable; several ranks under torchrun)")
+    centres.add_argument("run", type=Path, help="run folder or checkpoint of the teacher")
+    centres.add_argument("--data", type=Path, required=True, help="manifest.json (or its folder) of the shards")
+    centres.add_argument("--out", type=Path, default=None,
+                         help="run folder for the checkpoint with the centres (default: RUN itself)")
+    centres.add_argument("--batch-size", type=_positive_int, default=64)
+    centres.add_argument("--workers", type=int, choices=(0, 1), default=1,
+                         help="1: decode in a loader process beside the forward; 0: in this one")
+    centres.add_argument("--save-every", type=_positive_int, default=100,
+                         help="batches between progress files (a rerun continues from the last)")
+    centres.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    centres.set_defaults(handler=_centres)
+
+    export = commands.add_parser("export", help="the backbone as ONNX (insightface's layout) and/or TorchScript")
+    export.add_argument("run", type=Path, help="run folder or checkpoint")
+    export.add_argument("--onnx", type=Path, default=None, help="OUT.onnx")
+    export.add_argument("--opset", type=_positive_int, default=17)
+    export.add_argument("--dynamic-batch", action="store_true", help="batch dimension free (default: 1)")
+    export.add_argument("--torchscript", type=Path, default=None, help="OUT.pt (torch.jit.trace)")
+    export.set_defaults(handler=_export)
 
     demo = commands.add_parser("demo", help="synthetic identities → shards → teacher → KD/GKD students → table")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out/)")
