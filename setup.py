@@ -37,6 +37,8 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10",
         "tensorboard>=2.14",
+        "onnx>=1.15",  # facekd export --onnx
+        "onnxruntime>=1.17",  # the export's check against torch
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["facekd=facekd.cli:main"]},
