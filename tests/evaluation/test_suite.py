@@ -100,3 +100,14 @@ def test_table_marks_missing_cells() -> None:
     lines = table.splitlines()
     assert lines[2] == "| t       | 99.57 | n/a   |" and lines[3] == "| s       | n/a   | 90.00 |"
 
+
+def test_command_line(run, bins, tmp_path, capsys) -> None:
+    from facekd.cli import main
+
+    assert main(["eval", str(run), "--bins", str(bins), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split("|")[1].strip() == "network" and printed[2].startswith("| teacher ")
+    assert list((tmp_path / "cache").rglob("*.npy"))
+    assert main(["eval", str(run), "--bins", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"facekd: error: --bins {tmp_path / 'nowhere'}: not a folder\n"
