@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import logging
 import os
 import sys
 import time
@@ -23,19 +22,19 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 def connect(address: str | None) -> Any:
     """A ``JobSubmissionClient`` of the cluster at ``address`` (``http://HEAD:8265``), or of ``RAY_ADDRESS``."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    # Ray 2.60 protects the clusters it starts with a token (~/.ray/auth_token, RAY_AUTH_TOKEN); its HTTP client
-    # sends one only in token mode, which ray.init() turns on when a token is there and the SDK does not: same here
-    logging.getLogger(maybe_enable_token_auth_if_token_available.__module__).setLevel(logging.ERROR)  # its notice
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("no Ray cluster given: pass --address http://HEAD:8265 (the head's dashboard) or set "
                           "RAY_ADDRESS")
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        # Ray 2.60 protects the clusters it starts with a token; as `ray job`, a client sends one only when told
+        raise ConfigError(f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
+                          "and RAY_AUTH_TOKEN (or the token file ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)") from None
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot reach a Ray Job Submission server at {address}: "
                           f"{' '.join(str(error).split())}") from None

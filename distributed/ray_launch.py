@@ -10,7 +10,7 @@ Ray Train V2 (the default of the Ray this project installs) has three rules this
 
 * every worker calls ``ray.train.report`` the same number of times (it is a barrier); only rank 0 passes the
   checkpoint folder, which holds every rank's part because the ranks write into one shared folder;
-* Ray copies that folder into ``storage_path/name/<folder name>`` and restores the newest one it holds when
+* Ray copies that folder (here: index last) into ``storage_path/name/<folder name>`` and restores the newest one it holds when
   the worker group restarts (``FailureConfig.max_failures``) or the run is started again under the same name:
   there is no other restore API;
 * workers do not inherit the driver's environment: the variables they need (``DS_ACCELERATOR=cpu`` without
@@ -133,9 +133,36 @@ def report_to_ray(metrics: dict[str, float], checkpoint: Path | None) -> None:
         ray.train.report(metrics)
         return
     handed = ray.train.Checkpoint.from_directory(str(checkpoint)) if rank == 0 else None
-    ray.train.report(metrics, checkpoint=handed, checkpoint_dir_name=checkpoint.name)
+    ray.train.report(metrics, checkpoint=handed, checkpoint_dir_name=checkpoint.name,
+                     checkpoint_upload_fn=_upload_index_last)
     if rank == 0:
         logger.info("checkpoint %s reported to Ray Train", checkpoint.name)
+
+
+def _upload_index_last(checkpoint: Any, folder_name: str) -> Any:
+    """Copy a checkpoint folder into the run's storage with its index last (Ray's own copy has no order).
+
+    A worker killed mid-copy then leaves a folder without ``index.json``, which nothing loads (and which the
+    next upload of that step replaces), as a killed writer does in ``checkpoints/``; Ray restores only
+    checkpoints whose upload finished.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    from facekd.distributed.checkpoint import INDEX
+
+    storage = ray.train.get_context().get_storage()
+    filesystem, target = storage.storage_filesystem, storage.build_checkpoint_path_from_name(folder_name)
+    local = pyarrow.fs.LocalFileSystem()
+    if filesystem.get_file_info(f"{target}/{INDEX}").type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_file(f"{target}/{INDEX}")  # an earlier upload of this step: incomplete until rewritten
+    source = Path(checkpoint.path)
+    files = sorted(path for path in source.rglob("*") if path.is_file() and path != source / INDEX)
+    for path in [*files, source / INDEX]:
+        destination = f"{target}/{path.relative_to(source).as_posix()}"
+        filesystem.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+        pyarrow.fs.copy_files(str(path), destination, source_filesystem=local, destination_filesystem=filesystem)
+    return ray.train.Checkpoint(path=target, filesystem=filesystem)
 
 
 def check_address(address: str | None) -> str | None:
