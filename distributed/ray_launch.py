@@ -10,9 +10,9 @@ Ray Train V2 (the default of the Ray this project installs) has three rules this
 
 * every worker calls ``ray.train.report`` the same number of times (it is a barrier); only rank 0 passes the
   checkpoint folder, which holds every rank's part because the ranks write into one shared folder;
-* Ray copies that folder (here: index last) into ``storage_path/name/<folder name>`` and restores the newest one it holds when
-  the worker group restarts (``FailureConfig.max_failures``) or the run is started again under the same name:
-  there is no other restore API;
+* Ray copies that folder (here: index last) into ``storage_path/name/<folder name>`` and restores the newest
+  one it holds when the worker group restarts (``FailureConfig.max_failures``) or the run is started again
+  under the same name: there is no other restore API;
 * workers do not inherit the driver's environment: the variables they need (``DS_ACCELERATOR=cpu`` without
   GPUs, one OpenMP thread pool per reserved CPU) go in ``RunConfig.worker_runtime_env``, set before the
   worker imports anything.
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from facekd.errors import ConfigError, TrainingError
 
-__all__ = ["fit_on_ray", "report_to_ray", "restored_checkpoint", "run_in_storage", "worker_environment"]
+__all__ = ["check_address", "fit_on_ray", "report_to_ray", "restored_checkpoint", "run_in_storage", "worker_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,19 @@ def fit_on_ray(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise TrainingError(f"Ray Train run {name} failed after {max_failures} restarts: "
-                            f"{' '.join(str(error).split())[-2000:]}") from error
+        raise TrainingError(f"Ray Train run {name} failed (max_failures {max_failures}): {_cause(error)} "
+                            "(the workers' tracebacks are above)") from None
     if result.error is not None:
-        raise TrainingError(f"Ray Train run {name} failed: {result.error}")
+        raise TrainingError(f"Ray Train run {name} failed: {_cause(result.error)}")
     return result
+
+
+def _cause(error: BaseException) -> str:
+    """The workers' own exception (``facekd.errors.CheckpointError: …``): the last exception line of the
+    tracebacks Ray's error carries, else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^ ]*: ", line)]
+    return raised[-1] if raised else (lines[0] if lines else type(error).__name__)
 
 
 def restored_checkpoint(world: Any, shared_dir: Path) -> Path | None:

@@ -21,8 +21,8 @@ __all__ = ["check_before_launch", "ray_settings", "storage_of", "submit_to_ray",
 logger = logging.getLogger(__name__)
 
 # keys of a job spec naming local files: made absolute by the driver, since workers may start elsewhere
-_PATHS = (("data", "manifest"), ("data", "unlabeled_manifest"), ("model", "init_from"), ("distill", "teacher"),
-          ("train", "output_dir"))
+_PATHS = (("data", "manifest"), ("data", "base_url"), ("data", "unlabeled_manifest"), ("model", "init_from"),
+          ("distill", "teacher"), ("train", "output_dir"))
 
 
 def ray_settings(job: JobConfig, **flags: Any) -> JobConfig:
@@ -39,10 +39,15 @@ def storage_of(job: JobConfig) -> tuple[str, str]:
     return storage, job.ray.name or job.name
 
 
-def check_before_launch(job: JobConfig, world_size: int) -> None:
-    """What would otherwise fail only once ``world_size`` ranks started: shards too few for their streams."""
+def check_before_launch(job: JobConfig, world_size: int, gpus_per_rank: float | None = None) -> None:
+    """What would otherwise fail only once ``world_size`` ranks started: shards too few for their streams, and
+    (``gpus_per_rank`` given: Ray reserves the devices) GPU training on ranks given no GPU."""
     from facekd.data.convert import read_manifest
     from facekd.data.loader import check_enough_shards
+
+    if job.train.device == "cuda" and gpus_per_rank == 0:
+        raise ConfigError("train.device is cuda but ray.gpus_per_worker is 0: Ray would give the workers no GPU; "
+                          "pass --gpus-per-worker 1")
 
     manifest, folder = read_manifest(job.data.manifest)
     check_enough_shards([shard["num_samples"] for shard in manifest["shards"]], world_size=world_size,
@@ -62,7 +67,7 @@ def train_on_ray(job: JobConfig, *, address: str | None = None, resume: bool = F
     from facekd.distributed.world import COLLECTIVE_TIMEOUT
 
     settings = job.ray
-    check_before_launch(job, settings.workers)
+    check_before_launch(job, settings.workers, settings.gpus_per_worker)
     storage, name = storage_of(job)
     found = list_checkpoints(Path(job.train.output_dir) / "checkpoints")
     if found and not resume and not run_in_storage(storage, name):
@@ -141,9 +146,10 @@ def _absolute_paths(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with its local relative paths resolved against this (the driver's) working folder."""
     for section, key in _PATHS:
         value = spec[section].get(key)
-        if isinstance(value, str) and "://" not in value and not value.startswith("pipe:"):
+        if isinstance(value, str) and _is_relative(value):
             spec[section][key] = str(Path(value).expanduser().resolve())
-    spec["eval"]["bins"] = [str(Path(path).expanduser().resolve()) for path in spec["eval"]["bins"]]
+    spec["eval"]["bins"] = [str(Path(path).expanduser().resolve()) if _is_relative(path) else path
+                            for path in spec["eval"]["bins"]]
     return spec
 
 

@@ -304,6 +304,16 @@ def test_a_stopped_driver_run_again_continues_the_run(ray_head, uninterrupted, t
     _assert_storage_whole(storage, STEPS)
 
 
+def test_an_error_in_the_workers_is_one_line_naming_it(ray_head, tiny_job, tmp_path):
+    spec = _student(tiny_job, tmp_path / "no_teacher", "orphan")
+    result = subprocess.run(_ray_command(_write(spec, tmp_path), ray_head, "--set", "ray.max_failures=0"),
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("facekd: error:")]
+    assert errors == [f"facekd: error: Ray Train run orphan failed (max_failures 0): facekd.errors.CheckpointError: "
+                      f"checkpoint {tmp_path / 'no_teacher'} does not exist (the workers' tracebacks are above)"]
+
+
 def test_too_few_shards_for_the_ranks_is_refused_before_ray_starts(tiny_job, teacher, tmp_path):
     spec = _student(tiny_job, teacher, "few_shards")
     spec["data"].update({"resampled": False, "num_workers": 2})  # 3 shards for 2 ranks x 2 loader workers
@@ -316,6 +326,11 @@ def test_too_few_shards_for_the_ranks_is_refused_before_ray_starts(tiny_job, tea
         assert "3 non-empty shards cannot be dealt to 2 ranks x 2 loader workers = 4 streams" in result.stderr
         assert result.stderr.count("\n") == 1 and time.monotonic() - started < 60
     assert not (tmp_path / "few_shards").exists()
+    on_cpus = _write({**spec, "data": {**spec["data"], "resampled": True}, "train": {**spec["train"], "device": "cuda"}},
+                     tmp_path)
+    result = subprocess.run([sys.executable, "-m", "facekd", "train", str(on_cpus), "--ray"], capture_output=True,
+                            text=True, timeout=120, env={**ENV, "RAY_ADDRESS": ""})
+    assert result.returncode == 2 and "train.device is cuda but ray.gpus_per_worker is 0" in result.stderr
 
 
 def test_ray_flags_override_the_spec_and_are_checked(tiny_job, teacher, tmp_path):
