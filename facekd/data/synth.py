@@ -542,6 +542,28 @@ class FaceRenderer:
 
     def render(self, face: FaceParams, canonical: Image.Image, rng: np.random.Generator) -> np.ndarray:
         """One sample of ``face``, given its ``canonical`` image, as a uint8 (H, W, 3) array."""
+        return self.render_with_landmarks(face, canonical, rng)[0]
+
+    def landmarks(self, face: FaceParams, pose: tuple[float, ...]) -> np.ndarray:
+        """Where a sample posed by ``pose`` shows the face's left eye, right eye, nose tip, left and right mouth
+        corner (image left first, as detectors list them), [5, 2] in output pixel-centre coordinates.
+
+        The eyes and the nose tip are where :meth:`canonical` and :meth:`_draw_expression` centre them; a mouth
+        corner is where the lip line ends before this sample's smile bends it (within a pixel at 112)."""
+        tip_y = face.eye_y + face.nose_length
+        canonical = np.array([[0.5 - face.eye_spacing, face.eye_y], [0.5 + face.eye_spacing, face.eye_y],
+                              [0.5, tip_y], [0.5 - face.mouth_w, face.mouth_y], [0.5 + face.mouth_w, face.mouth_y]])
+        # the pose maps output canvas edge coordinates to canonical ones (PIL's PERSPECTIVE): invert it
+        a, b, c, d, e, f, g, h = pose
+        to_canonical = np.array([[a, b, c], [d, e, f], [g, h, 1.0]])
+        points = np.linalg.solve(to_canonical, np.vstack([canonical.T * self.canvas, np.ones(5)]))
+        posed = (points[:2] / points[2]).T
+        return posed / RENDER_SCALE - 0.5  # reduce() box-filters RENDER_SCALE canvas pixels into one
+
+    def render_with_landmarks(
+        self, face: FaceParams, canonical: Image.Image, rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`render` and the sample's 5 landmarks (:meth:`landmarks`): the same pixels from the same ``rng``."""
         # background, then the identity's face, this sample's expression and a worn occluder
         image, base = self._background(rng)
         image.paste(canonical, (0, 0), canonical)
@@ -553,7 +575,7 @@ class FaceRenderer:
         pose = self._pose_coefficients(rng)
         image = image.transform(image.size, Image.Transform.PERSPECTIVE, pose, Image.Resampling.NEAREST, fillcolor=base)
         self._draw_image_occluder(ImageDraw.Draw(image), rng)
-        return self._photometric(image.reduce(RENDER_SCALE), rng)
+        return self._photometric(image.reduce(RENDER_SCALE), rng), self.landmarks(face, pose)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
