@@ -112,7 +112,13 @@ def _follow(client, job_id: str) -> None:
     """Stream a job's logs to its end; a job that did not succeed is an error (exit status 2)."""
     from facekd.distributed.ray_jobs import describe, follow
 
-    status = follow(client, job_id)
+    try:
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        # only the following stops: the job runs on in the cluster
+        print(f"\nstopped following; job {job_id} goes on (facekd jobs logs {job_id} --follow, facekd jobs stop "
+              f"{job_id})", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"job {job_id}: {status}")
     if status != "SUCCEEDED":
         message = describe(client, job_id)["message"] or ""
@@ -162,6 +168,24 @@ def _launch_local(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.ijb is not None:
+        from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_table
+
+        name = args.ijb_name or args.ijb.resolve().name.upper()
+        if name not in IJB_NAMES:
+            raise ConfigError(f"--ijb {args.ijb}: cannot tell IJB-B from IJB-C by the folder name; "
+                              f"give --ijb-name {'|'.join(IJB_NAMES)}")
+        rows = evaluate_ijb(args.checkpoints, args.ijb, name=name, out_dir=args.out, cache_dir=args.cache,
+                            skip_missing=args.ijb_skip_missing, device=args.device, batch_size=args.batch_size)
+        print(format_ijb_table(rows))
+        skipped = rows[0]["skipped"]
+        if skipped["images"]:
+            print(f"skipped {skipped['images']} images without landmarks or files; {skipped['templates']} templates "
+                  f"and {skipped['pairs']} pairs left without images")
+        print(f"{name}.json, {name}.md and roc_{name}.png written under {args.out}")
+        return
+    if args.ijb_name is not None or args.ijb_skip_missing:
+        raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
     if args.bins is not None:
         from facekd.evaluation.suite import evaluate_suite, find_bins, format_suite_table
 
@@ -344,9 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     sets.add_argument("--bin", type=Path, nargs="+", help="verification .bin files")
     sets.add_argument("--bins", type=Path, metavar="DIR",
                       help="every .bin in DIR (lfw, cfp_fp, agedb_30, ...): one table, networks as rows")
+    sets.add_argument("--ijb", type=Path, metavar="ROOT",
+                      help="IJB-B/C 1:1 verification, insightface's layout: ROOT/meta/ijbX_*.txt, ROOT/loose_crop/")
+    evaluate.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default=None,
+                          help="--ijb: which benchmark (default: ROOT's folder name)")
+    evaluate.add_argument("--ijb-skip-missing", action="store_true",
+                          help="--ijb: drop images without landmarks or files (counted and reported) instead of "
+                               "stopping at the first")
     evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for results.json and roc.png")
     evaluate.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                          help="--bins: embedding cache, per checkpoint and file digest (default OUT/embeddings)")
+                          help="--bins/--ijb: embedding cache, per checkpoint and data digest (default OUT/embeddings)")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--batch-size", type=_positive_int, default=128)
     evaluate.set_defaults(handler=_eval)
