@@ -184,6 +184,14 @@ def _eval(args: argparse.Namespace) -> None:
                   f"and {skipped['pairs']} pairs left without images")
         print(f"{name}.json, {name}.md and roc_{name}.png written under {args.out}")
         return
+    if args.megaface is not None:
+        from facekd.evaluation.identification import evaluate_identification, format_identification_table
+
+        rows = evaluate_identification(args.checkpoints, args.megaface, out_dir=args.out, cache_dir=args.cache,
+                                       device=args.device, batch_size=args.batch_size)
+        print(format_identification_table(rows))
+        print(f"identification.json, identification.md and cmc.png written under {args.out}")
+        return
     if args.ijb_name is not None or args.ijb_skip_missing:
         raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
     if args.bins is not None:
@@ -370,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="every .bin in DIR (lfw, cfp_fp, agedb_30, ...): one table, networks as rows")
     sets.add_argument("--ijb", type=Path, metavar="ROOT",
                       help="IJB-B/C 1:1 verification, insightface's layout: ROOT/meta/ijbX_*.txt, ROOT/loose_crop/")
+    sets.add_argument("--megaface", type=Path, metavar="ROOT",
+                      help="identification, MegaFace style: ROOT/probes/<identity>/, ROOT/gallery/<identity>/ and "
+                           "ROOT/distractors/ of aligned images; rank-1, TAR@FAR=1e-6, CMC")
     evaluate.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default=None,
                           help="--ijb: which benchmark (default: ROOT's folder name)")
     evaluate.add_argument("--ijb-skip-missing", action="store_true",
@@ -377,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "stopping at the first")
     evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for results.json and roc.png")
     evaluate.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                          help="--bins/--ijb: embedding cache, per checkpoint and data digest (default OUT/embeddings)")
+                          help="--bins/--ijb/--megaface: embedding cache (default OUT/embeddings)")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--batch-size", type=_positive_int, default=128)
     evaluate.set_defaults(handler=_eval)

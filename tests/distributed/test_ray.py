@@ -350,3 +350,30 @@ def test_ray_flags_override_the_spec_and_are_checked(tiny_job, teacher, tmp_path
     result = subprocess.run([sys.executable, "-m", "facekd", "submit", str(relative), "--address",
                              "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 2 and "train.output_dir is relative" in result.stderr, result.stderr[-2000:]
+
+
+def test_jobs_stop_ends_a_submitted_run(ray_head, teacher, tiny_job, tmp_path):
+    """Runs last: the stopped job's workers are gone before the module's head is."""
+    job_file = _write(_student(tiny_job, teacher, "long", steps=400), tmp_path)
+    env = {**ENV, "RAY_ADDRESS": ray_head["dashboard"]}
+
+    def facekd(*args):
+        return subprocess.run([sys.executable, "-m", "facekd", *args], capture_output=True, text=True, timeout=300,
+                              env=env)
+
+    submitted = facekd("submit", str(job_file))
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.splitlines()[0].rsplit(" ", 1)[-1]
+    assert f"follow it with: facekd jobs logs {job_id} --follow" in submitted.stdout
+    deadline = time.monotonic() + 180
+    while not _train_workers(ray_head):  # stop it while it trains
+        assert time.monotonic() < deadline, facekd("jobs", "logs", job_id).stdout[-3000:]
+        time.sleep(0.5)
+    assert facekd("jobs", "stop", job_id).stdout.strip() == f"{job_id}: stop requested"
+    followed = facekd("jobs", "logs", job_id, "--follow")
+    assert followed.returncode == 2 and f"facekd: error: Ray job {job_id} ended STOPPED" in followed.stderr
+    assert facekd("jobs", "status", job_id).stdout.startswith(f"{job_id}: STOPPED")
+    deadline = time.monotonic() + 120
+    while _train_workers(ray_head):
+        assert time.monotonic() < deadline, "the stopped job's workers are still running"
+        time.sleep(0.5)
