@@ -24,7 +24,8 @@ import torch
 
 from facekd.errors import DataError
 
-__all__ = ["IdentificationResult", "SCORE_BLOCK", "identify", "plot_cmc"]
+__all__ = ["IdentificationResult", "SCORE_BLOCK", "evaluate_identification", "find_identification_sets",
+           "format_identification_table", "identify", "plot_cmc"]
 
 SCORE_BLOCK = 4096
 """Distractor rows per score GEMM (probes × 4096 float64 scores: 116 MB for MegaFace's 3,530 FaceScrub probes)."""
@@ -42,7 +43,9 @@ class IdentificationResult:
         return float(self.cmc[0])
 
 
-def _unit(rows: torch.Tensor) -> torch.Tensor:
+def _unit_rows(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """L2-normalised rows on ``device``; a read-only memory map is copied (torch cannot wrap it)."""
+    rows = torch.as_tensor(np.require(rows, requirements="W"), dtype=dtype, device=device)
     norms = rows.norm(dim=1, keepdim=True)
     return rows / torch.where(norms > 0, norms, torch.ones_like(norms))
 
@@ -76,8 +79,8 @@ def identify(
         raise DataError(f"probe identity {probe_labels[without][0].item()!r} has no gallery entry "
                         f"({int(without.sum())} probes without a mate)")
     device = torch.device(device)
-    probe_rows = _unit(torch.as_tensor(np.asarray(probes), dtype=dtype, device=device))
-    gallery_scores = probe_rows @ _unit(torch.as_tensor(np.asarray(gallery), dtype=dtype, device=device)).T  # [P, G]
+    probe_rows = _unit_rows(probes, dtype, device)
+    gallery_scores = probe_rows @ _unit_rows(gallery, dtype, device).T  # [P, G]
     mate_mask = torch.as_tensor(mate, device=device)
     mate_scores = gallery_scores.masked_fill(~mate_mask, -math.inf).max(dim=1).values  # [P]
     genuine = gallery_scores[mate_mask]
@@ -91,7 +94,7 @@ def identify(
     top = torch.topk(gallery_impostors, min(keep, len(gallery_impostors))).values  # running top impostor scores
     chunk = max(SCORE_BLOCK, chunk // SCORE_BLOCK * SCORE_BLOCK)
     for start in range(0, len(distractors), chunk):
-        rows = _unit(torch.as_tensor(np.asarray(distractors[start:start + chunk]), dtype=dtype, device=device))
+        rows = _unit_rows(distractors[start:start + chunk], dtype, device)
         for block_start in range(0, len(rows), SCORE_BLOCK):
             block = rows[block_start:block_start + SCORE_BLOCK]
             count = len(block)
@@ -139,3 +142,138 @@ def plot_cmc(curves: Mapping[str, np.ndarray], path: str | Path, title: str = "C
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+IDENTIFICATION_SETS = ("probes", "gallery", "distractors")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class _LazyFiles(Sequence[bytes]):
+    """The bytes of image files, read when indexed (a million distractors are not held in memory)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [path.read_bytes() for path in self.paths[index]]
+        return self.paths[index].read_bytes()
+
+
+def find_identification_sets(root: str | Path) -> dict[str, tuple[list[Path], list[str]]]:
+    """``{set: (image paths, labels)}`` of ``ROOT/probes/<identity>/*``, ``ROOT/gallery/<identity>/*`` and
+    ``ROOT/distractors/**/*`` (labels of distractors are empty), images already aligned, in sorted order."""
+    root = Path(root)
+    found = {}
+    for name in IDENTIFICATION_SETS:
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"{root}: no {name}/ folder (expected probes/<identity>/, gallery/<identity>/ and "
+                            "distractors/ of aligned images)")
+        paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths and name != "distractors":
+            raise DataError(f"{folder}: no images")
+        labels = ["" if name == "distractors" else path.relative_to(folder).parts[0] for path in paths]
+        found[name] = (paths, labels)
+    return found
+
+
+def _list_digest(root: Path, paths: Sequence[Path]) -> str:
+    """sha256 of each file's relative path and size (a million images are not hashed byte by byte)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.relative_to(root)}\t{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def evaluate_identification(
+    checkpoints: Sequence[str | Path],
+    root: str | Path,
+    *,
+    out_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 128,
+    chunk: int = 65536,
+    names: Sequence[str] | None = None,
+    far_targets: Sequence[float] = (1e-6,),
+    progress: bool = True,
+) -> list[dict[str, object]]:
+    """MegaFace-style identification of every network on ``root`` (:func:`find_identification_sets`): one row per
+    network with ``rank1``, ``cmc``, ``tar_at_far``, counts and ``cached`` (per set: embeddings from the cache).
+
+    Each set is embedded (image + flip) into a float32 memory map cached per checkpoint and file list (paths and
+    sizes) under ``cache_dir`` (default ``out_dir/embeddings``): scoring again, e.g. with another gallery, reads
+    the million distractor embeddings from disk instead of re-embedding them. Writes ``out_dir/identification.json``,
+    ``out_dir/identification.md`` and ``out_dir/cmc.png``.
+    """
+    import json
+
+    from facekd.evaluation.embed import EmbeddingCache, decoded_batches, embed_pixels
+    from facekd.evaluation.suite import _load
+    from facekd.network import resolve_device
+
+    if not checkpoints:
+        raise DataError("need at least one checkpoint, got none")
+    root, out = Path(root), Path(out_dir)
+    sets = find_identification_sets(root)
+    digests = {name: _list_digest(root, paths) for name, (paths, _) in sets.items()}
+    torch_device = resolve_device(device)
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else out / "embeddings")
+    rows: list[dict[str, object]] = []
+    for network in _load(checkpoints, names, torch_device):
+        variant = f"{network.image_size}px-{network.normalize}-flipsum"
+        embeddings, cached = {}, {}
+        for name, (paths, _) in sets.items():
+            stored = cache.load(network.digest, digests[name], variant, mmap=True)
+            cached[name] = stored is not None
+            if stored is None and paths:
+                with torch.no_grad():  # the width of the memory map: one blank image through the network
+                    blank = torch.zeros(1, 3, network.image_size, network.image_size, device=torch_device)
+                    embedding_dim = network.backbone.eval()(blank).shape[1]
+                stored = cache.create(network.digest, digests[name], variant, (len(paths), embedding_dim))
+                embed_pixels(network.backbone, decoded_batches(_LazyFiles(paths), network.image_size, batch_size),
+                             total=len(paths), device=torch_device, normalize=network.normalize, out=stored,
+                             progress=progress, desc=f"{network.label} on {name}")
+                cache.commit(stored, network.digest, digests[name], variant, checkpoint=str(network.checkpoint),
+                             data=str(root / name))
+            embeddings[name] = stored
+        if embeddings["distractors"] is None:
+            embeddings["distractors"] = np.zeros((0, embeddings["probes"].shape[1]), np.float32)
+        result = identify(embeddings["probes"], np.array(sets["probes"][1]), embeddings["gallery"],
+                          np.array(sets["gallery"][1]), embeddings["distractors"], far_targets=far_targets,
+                          chunk=chunk, device=torch_device)
+        rows.append({"model": network.label, "checkpoint": str(network.checkpoint), "rank1": result.rank1,
+                     "rank5": float(result.cmc[4]), "cmc": result.cmc, "tar_at_far": result.tar_at_far,
+                     **{f"num_{name}": len(paths) for name, (paths, _) in sets.items()}, "cached": cached})
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = [{**{key: value for key, value in row.items() if key != "cmc"},
+                "tar_at_far": {f"{far:g}": tar for far, tar in row["tar_at_far"].items()}} for row in rows]
+    (out / "identification.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (out / "identification.md").write_text(format_identification_table(rows) + "\n")
+    plot_cmc({str(row["model"]): row["cmc"] for row in rows}, out / "cmc.png",
+             title=f"identification with {rows[0]['num_distractors']:,} distractors")
+    return rows
+
+
+def format_identification_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """Markdown table: network, rank-1 and rank-5 (%), TAR (%) at each FAR, distractors."""
+    if not rows:
+        raise ValueError("format_identification_table needs at least one row, got none")
+    fars = list(rows[0]["tar_at_far"])
+    lines = [["network", "rank-1", "rank-5"] + [f"TAR@FAR={far:g}" for far in fars] + ["distractors"]]
+    for row in rows:
+        tars = [row["tar_at_far"][far] for far in fars]
+        lines.append([str(row["model"]), f"{100 * row['rank1']:.2f}", f"{100 * row['rank5']:.2f}"]
+                     + ["n/a" if math.isnan(tar) else f"{100 * tar:.2f}" for tar in tars]
+                     + [f"{row['num_distractors']:,}"])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    rendered = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
+    rendered.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(rendered)
