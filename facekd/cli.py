@@ -168,6 +168,8 @@ def _launch_local(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.ijb is None and (args.ijb_name is not None or args.ijb_skip_missing):
+        raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
     if args.ijb is not None:
         from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_table
 
@@ -192,8 +194,6 @@ def _eval(args: argparse.Namespace) -> None:
         print(format_identification_table(rows))
         print(f"identification.json, identification.md and cmc.png written under {args.out}")
         return
-    if args.ijb_name is not None or args.ijb_skip_missing:
-        raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
     if args.bins is not None:
         from facekd.evaluation.suite import evaluate_suite, find_bins, format_suite_table
 
@@ -255,10 +255,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from facekd.bench import data, gkd, gpu_suite, margin, partial_fc
+    from facekd.bench import data, dgconv, gkd, gpu_suite, margin, partial_fc
 
     modules = {"margin": [margin], "gkd": [gkd], "kernels": [margin, gkd], "data": [data],
-               "gpu-suite": [gpu_suite], "partial-fc": [partial_fc]}[args.bench]
+               "gpu-suite": [gpu_suite], "partial-fc": [partial_fc], "dgconv": [dgconv]}[args.bench]
     for module in modules:
         parser = argparse.ArgumentParser(prog=f"facekd bench {module.__name__.rsplit('.', 1)[-1].replace('_', '-')}")
         module.add_arguments(parser)
@@ -433,11 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="kernel benchmarks writing JSON, markdown and PNG under results/")
-    bench.add_argument("bench", choices=("kernels", "margin", "gkd", "data", "gpu-suite", "partial-fc"),
+    bench.add_argument("bench", choices=("kernels", "margin", "gkd", "data", "gpu-suite", "partial-fc", "dgconv"),
                        help="margin: fused margin-softmax CE; gkd: grouped KD; kernels: both; data: the loader's "
                             "images/s per core against JPEG decode alone; gpu-suite: everything that needs a GPU in "
                             "one budgeted run (facekd/bench/GPU.md); partial-fc: a sharded classifier's samples/s and "
-                            "per-rank memory against its accounting (facekd/bench/PARTIAL_FC.md)")
+                            "per-rank memory against its accounting (facekd/bench/PARTIAL_FC.md); dgconv: the dynamic "
+                            "group convolution against the aggregate-then-grouped-conv baseline")
     bench.add_argument("options", nargs=argparse.REMAINDER,
                        help="options of the benchmark (see 'facekd bench margin -- --help')")
     bench.set_defaults(handler=_bench)

@@ -162,3 +162,14 @@ def test_cli_eval_ijb(run, ijb_root, tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "| IJBC TAR@FAR |" in printed and "skipped 1 images without landmarks or files; 0 templates" in printed
     assert (tmp_path / "out" / "roc_IJBC.png").is_file()
+
+
+def test_cli_ijb_flags_are_checked(run, ijb_root, tmp_path, capsys) -> None:
+    from facekd.cli import main
+
+    other = tmp_path / "benchmark"
+    ijb_root.rename(other)
+    assert main(["eval", str(run), "--ijb", str(other), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot tell IJB-B from IJB-C by the folder name; give --ijb-name IJBB|IJBC" in capsys.readouterr().err
+    assert main(["eval", str(run), "--megaface", str(other), "--ijb-skip-missing"]) == 2
+    assert "--ijb-name and --ijb-skip-missing go with --ijb ROOT" in capsys.readouterr().err
