@@ -13,7 +13,8 @@ def facekd(*args, cwd=None):
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "convert"], ["data", "inspect"],
-                                     ["train"], ["eval"], ["demo"], ["bench", "margin", "--"]])
+                                     ["train"], ["eval"], ["demo"], ["bench", "margin", "--"], ["submit"], ["jobs"],
+                                     ["jobs", "logs"]])
 def test_every_command_has_help(command):
     result = facekd(*command, "--help")
     assert result.returncode == 0, result.stderr
