@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from facekd.errors import ConfigError, TrainingError
 
-__all__ = ["check_address", "fit_on_ray", "report_to_ray", "restored_checkpoint", "run_in_storage", "worker_environment"]
+__all__ = [
+    "check_address", "fit_on_ray", "report_to_ray", "restored_checkpoint", "run_in_storage", "worker_environment",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ def restored_checkpoint(world: Any, shared_dir: Path) -> Path | None:
         return Path(checkpoint.path)
     target = Path(shared_dir) / "restored" / Path(checkpoint.path).name
     if world.is_main:
+        shutil.rmtree(target, ignore_errors=True)  # a download a killed group left half done
         checkpoint.to_directory(str(target))
     world.barrier()
     return target

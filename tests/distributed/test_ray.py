@@ -326,8 +326,8 @@ def test_too_few_shards_for_the_ranks_is_refused_before_ray_starts(tiny_job, tea
         assert "3 non-empty shards cannot be dealt to 2 ranks x 2 loader workers = 4 streams" in result.stderr
         assert result.stderr.count("\n") == 1 and time.monotonic() - started < 60
     assert not (tmp_path / "few_shards").exists()
-    on_cpus = _write({**spec, "data": {**spec["data"], "resampled": True}, "train": {**spec["train"], "device": "cuda"}},
-                     tmp_path)
+    spec["data"]["resampled"], spec["train"]["device"] = True, "cuda"
+    on_cpus = _write(spec, tmp_path)
     result = subprocess.run([sys.executable, "-m", "facekd", "train", str(on_cpus), "--ray"], capture_output=True,
                             text=True, timeout=120, env={**ENV, "RAY_ADDRESS": ""})
     assert result.returncode == 2 and "train.device is cuda but ray.gpus_per_worker is 0" in result.stderr
