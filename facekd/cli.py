@@ -255,10 +255,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from facekd.bench import data, dgconv, gkd, gpu_suite, margin, partial_fc
+    from facekd.bench import data, dgconv, gkd, gpu_suite, identification, margin, partial_fc
 
     modules = {"margin": [margin], "gkd": [gkd], "kernels": [margin, gkd], "data": [data],
-               "gpu-suite": [gpu_suite], "partial-fc": [partial_fc], "dgconv": [dgconv]}[args.bench]
+               "gpu-suite": [gpu_suite], "partial-fc": [partial_fc], "dgconv": [dgconv],
+               "identification": [identification]}[args.bench]
     for module in modules:
         parser = argparse.ArgumentParser(prog=f"facekd bench {module.__name__.rsplit('.', 1)[-1].replace('_', '-')}")
         module.add_arguments(parser)
@@ -433,12 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="kernel benchmarks writing JSON, markdown and PNG under results/")
-    bench.add_argument("bench", choices=("kernels", "margin", "gkd", "data", "gpu-suite", "partial-fc", "dgconv"),
+    bench.add_argument("bench", choices=("kernels", "margin", "gkd", "data", "gpu-suite", "partial-fc", "dgconv",
+                                         "identification"),
                        help="margin: fused margin-softmax CE; gkd: grouped KD; kernels: both; data: the loader's "
                             "images/s per core against JPEG decode alone; gpu-suite: everything that needs a GPU in "
                             "one budgeted run (facekd/bench/GPU.md); partial-fc: a sharded classifier's samples/s and "
                             "per-rank memory against its accounting (facekd/bench/PARTIAL_FC.md); dgconv: the dynamic "
-                            "group convolution against the aggregate-then-grouped-conv baseline")
+                            "group convolution against the aggregate-then-grouped-conv baseline; identification: "
+                            "probes against a gallery plus up to 1M memory-mapped distractors, seconds and memory")
     bench.add_argument("options", nargs=argparse.REMAINDER,
                        help="options of the benchmark (see 'facekd bench margin -- --help')")
     bench.set_defaults(handler=_bench)
