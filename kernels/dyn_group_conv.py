@@ -36,8 +36,8 @@ each: B·Cout·Ci·k² elements, as large as the expert bank times B/n):
   experts' tile is read once per program and stays in registers). The accumulator reaches HBM once
   per batch slice: an fp32 [slices, m, n, Co, R] buffer summed by the launcher (slices only as
   many as fill the device, ≤ B), and the ∂routing shares go to an fp32 [tiles, B, m, n] buffer
-  summed likewise; no atomics, so every gradient is bitwise reproducible. Reads grad_out and x
-  once per weight tile (Co/BLOCK_CO · R/BLOCK_R times in all, mostly L2 hits).
+  summed likewise; no atomics, so every gradient is bitwise reproducible. grad_out is read
+  R/BLOCK_R times and x (through im2col, each element up to k² times) Co/BLOCK_CO times.
 
 Numerics: accumulation is fp32; mixed kernels are rounded to the input dtype before each dot (as a
 conv with a materialised 16-bit kernel would be); outputs and gradients are returned in the input
