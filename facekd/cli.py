@@ -171,7 +171,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.ijb is None and (args.ijb_name is not None or args.ijb_skip_missing):
         raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
     if args.ijb is not None:
-        from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_table
+        from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_1n_table, format_ijb_table
 
         name = args.ijb_name or args.ijb.resolve().name.upper()
         if name not in IJB_NAMES:
@@ -180,6 +180,8 @@ def _eval(args: argparse.Namespace) -> None:
         rows = evaluate_ijb(args.checkpoints, args.ijb, name=name, out_dir=args.out, cache_dir=args.cache,
                             skip_missing=args.ijb_skip_missing, device=args.device, batch_size=args.batch_size)
         print(format_ijb_table(rows))
+        if "identification" in rows[0]:
+            print(format_ijb_1n_table(rows))
         skipped = rows[0]["skipped"]
         if skipped["images"]:
             print(f"skipped {skipped['images']} images without landmarks or files; {skipped['templates']} templates "

@@ -3,8 +3,10 @@
 ``ROOT/meta/<name>_face_tid_mid.txt``: ``image template media`` per image; ``ROOT/meta/<name>_name_5pts_score.txt``:
 ``image x1 y1 … x5 y5 score`` (left eye, right eye, nose tip, left and right mouth corner, in pixel-centre
 coordinates of the image, and the detector's faceness score); ``ROOT/meta/<name>_template_pair_label.txt``:
-``template template label``; ``ROOT/loose_crop/<n>.jpg``: the images, loose crops with the face at some scale,
-rotation and place (so the 5-point alignment has work to do).
+``template template label``; ``ROOT/meta/<name>_1N_gallery_{G1,G2}.csv`` (IJB-B: ``S1``, ``S2``) and
+``ROOT/meta/<name>_1N_probe_mixed.csv``: ``TEMPLATE_ID,SUBJECT_ID,FILENAME`` per image, each subject's first
+template enrolled in one gallery and its others probing; ``ROOT/loose_crop/<n>.jpg``: the images, loose crops with
+the face at some scale, rotation and place (so the 5-point alignment has work to do).
 
 Each subject has several templates, each template one to three media (a photo, or a video's frames), each media
 one to three images; the pair list holds every pair of templates, same-subject pairs labelled 1.
@@ -85,7 +87,7 @@ def synthesize_ijb(
 
     layout = np.random.default_rng([seed, _STREAM_IJB_LAYOUT])
     subject_of_template: list[int] = []
-    image_rows, landmark_rows = [], []
+    image_rows, landmark_rows, images_of_template = [], [], {}
     media_id = 0
     for subject in range(num_subjects):
         face = face_params(seed, FIRST_IJB_IDENTITY + subject)
@@ -104,6 +106,7 @@ def synthesize_ijb(
                     (crops / image_name).write_bytes(encode_jpeg(np.asarray(image)))
                     faceness = rng.uniform(0.6, 1.0)
                     image_rows.append(f"{image_name} {template_id} {media_id}")
+                    images_of_template.setdefault(template_id, []).append(image_name)
                     points = " ".join(f"{value:.3f}" for value in landmarks.ravel())
                     landmark_rows.append(f"{image_name} {points} {faceness:.6f}")
     pair_rows = [f"{a + 1} {b + 1} {int(subject_of_template[a] == subject_of_template[b])}"
@@ -112,6 +115,18 @@ def synthesize_ijb(
     for suffix, rows in (("face_tid_mid", image_rows), ("name_5pts_score", landmark_rows),
                          ("template_pair_label", pair_rows)):
         (meta / f"{prefix}_{suffix}.txt").write_text("\n".join(rows) + "\n")
+    # 1:N: each subject's first template enrolled, the first half of the subjects in gallery 1, the rest in 2
+    galleries = ("G1", "G2") if name == "IJBC" else ("S1", "S2")
+    one_n: dict[str, list[str]] = {galleries[0]: [], galleries[1]: [], "probe_mixed": []}
+    for template_id, subject in enumerate(subject_of_template, 1):
+        if (template_id - 1) % templates_per_subject:
+            key = "probe_mixed"
+        else:
+            key = galleries[0] if subject < num_subjects // 2 else galleries[1]
+        one_n[key] += [f"{template_id},{subject + 1},{image}" for image in images_of_template[template_id]]
+    for key, rows in one_n.items():
+        file = f"{prefix}_1N_{key}.csv" if key == "probe_mixed" else f"{prefix}_1N_gallery_{key}.csv"
+        (meta / file).write_text("\n".join(["TEMPLATE_ID,SUBJECT_ID,FILENAME"] + rows) + "\n")
     num_same = sum(int(row[-1]) for row in pair_rows)
     return {"name": name, "root": str(root), "num_subjects": num_subjects, "num_templates": len(subject_of_template),
             "num_media": media_id, "num_images": len(image_rows), "num_pairs": len(pair_rows),

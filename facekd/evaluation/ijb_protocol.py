@@ -24,8 +24,10 @@ from PIL import Image
 from facekd.errors import ConfigError, DataError
 from facekd.evaluation.embed import EmbeddingCache, _workers, embed_pixels, file_digest
 from facekd.evaluation.ijb import IJB_FAR_TARGETS, align_face, pair_scores, tar_at_far_from_scores, template_features
+from facekd.evaluation.ijb_1n import IJB_FPIR_TARGETS, read_ijb_1n, tpir_at_fpir
 
-__all__ = ["IJB_NAMES", "IjbProtocol", "aligned_batches", "evaluate_ijb", "format_ijb_table", "read_ijb"]
+__all__ = ["IJB_NAMES", "IjbProtocol", "aligned_batches", "evaluate_ijb", "format_ijb_1n_table", "format_ijb_table",
+           "identify_1n", "read_ijb"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class IjbProtocol:
     labels: np.ndarray  # [P] bool, same subject
     meta_digest: str  # sha256 of the three meta files and the kept image list: the embedding cache key
     skipped: dict[str, int] = field(default_factory=dict)  # images, templates, pairs dropped by skip_missing
+    one_n: dict[str, dict[int, int]] | None = None  # 1:N {gallery or "probes": {template: subject}}, if present
 
 
 def _meta_path(root: Path, name: str, suffix: str) -> Path:
@@ -131,12 +134,25 @@ def read_ijb(root: str | Path, name: str, *, skip_missing: bool = False, check_i
     if not pair_kept.any():
         raise DataError(f"{name}: no pair left after skipping {int(missing.sum())} images")
 
+    one_n = read_ijb_1n(root, name)
+    skipped_one_n = 0
+    for key, subjects in (one_n or {}).items():
+        templates = np.fromiter(subjects, np.int64)
+        unlisted = templates[~np.isin(templates, listed)]
+        if len(unlisted):
+            raise DataError(f"{name} 1:N {key} names template {int(unlisted[0])}, which {media_path.name} does not "
+                            f"list ({len(unlisted)} such templates)")
+        unusable = templates[~np.isin(templates, usable)]
+        skipped_one_n += len(unusable)
+        for template in unusable.tolist():
+            del subjects[template]
+
     digest = hashlib.sha256()
     for path in (media_path, landmark_path, pair_path):
         digest.update(file_digest(path).encode())
     digest.update("\n".join(image for image, keep in zip(images, kept) if keep).encode())
     skipped = {"images": int(missing.sum()), "templates": int(len(listed) - len(usable)),
-               "pairs": int((~pair_kept).sum())}
+               "pairs": int((~pair_kept).sum()), "1n_templates": skipped_one_n}
     if missing.any():
         logger.warning("%s: skipped %d images without landmarks or files, %d templates and %d pairs left "
                        "without images", name, skipped["images"], skipped["templates"], skipped["pairs"])
@@ -144,7 +160,7 @@ def read_ijb(root: str | Path, name: str, *, skip_missing: bool = False, check_i
         root=root, name=name, images=[image for image, keep in zip(images, kept) if keep],
         templates=ids_array[kept, 0], medias=ids_array[kept, 1], landmarks=values[kept, :10].reshape(-1, 5, 2),
         faceness=values[kept, 10], first=first[pair_kept], second=second[pair_kept],
-        labels=labels[pair_kept].astype(bool), meta_digest=digest.hexdigest(), skipped=skipped)
+        labels=labels[pair_kept].astype(bool), meta_digest=digest.hexdigest(), skipped=skipped, one_n=one_n)
 
 
 def _load_aligned(path: Path, landmarks: np.ndarray, image_size: int) -> np.ndarray:
@@ -233,12 +249,15 @@ def evaluate_ijb(
                      "num_images": len(protocol.images), "num_templates": len(template_ids),
                      "num_pairs": len(scores), "num_same_pairs": int(protocol.labels.sum()),
                      "skipped": dict(protocol.skipped), "cached": cached})
+        if protocol.one_n is not None:
+            rows[-1]["identification"] = identify_1n(template_ids, template_feats, protocol.one_n)
 
     out.mkdir(parents=True, exist_ok=True)
     summary = [{key: ({f"{far:g}": tar for far, tar in value.items()} if key == "tar_at_far" else value)
                 for key, value in row.items() if key not in ("fpr", "tpr", "scores")} for row in rows]
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    (out / f"{name}.md").write_text(format_ijb_table(rows) + "\n")
+    tables = [format_ijb_table(rows)] + ([format_ijb_1n_table(rows)] if protocol.one_n is not None else [])
+    (out / f"{name}.md").write_text("\n\n".join(tables) + "\n")
     plot_roc({row["model"]: (row["fpr"], row["tpr"]) for row in rows}, out / f"roc_{name}.png",
              title=f"{name} 1:1 verification ROC")
     return rows
@@ -253,6 +272,47 @@ def format_ijb_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [[f"{rows[0]['dataset']} TAR@FAR"] + [f"{far:g}" for far in fars]]
     for row in rows:
         values = [row["tar_at_far"].get(far, math.nan) for far in fars]
+        lines.append([str(row["model"])] + ["n/a" if math.isnan(value) else f"{100 * value:.2f}" for value in values])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    rendered = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
+    rendered.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(rendered)
+
+
+def identify_1n(template_ids: np.ndarray, features: np.ndarray, one_n: Mapping[str, Mapping[int, int]]) -> dict:
+    """1:N figures of unit template features (:mod:`facekd.evaluation.ijb_1n`): closed-set ``rank1``/``rank5`` over
+    both galleries, open-set ``tpir_at_fpir`` {gallery: {FPIR: TPIR}} for each gallery alone."""
+    from facekd.evaluation.identification import identify
+
+    def rows(subjects: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        templates = np.fromiter(subjects, np.int64)
+        return features[np.searchsorted(template_ids, templates)], np.fromiter(subjects.values(), np.int64)
+
+    galleries = [key for key in one_n if key != "probes"]
+    probe_features, probe_subjects = rows(one_n["probes"])
+    union = {template: subject for key in galleries for template, subject in one_n[key].items()}
+    gallery_features, gallery_subjects = rows(union)
+    # closed set: a probe whose gallery template was skipped (--ijb-skip-missing) cannot be found: it counts as missed
+    enrolled = np.isin(probe_subjects, gallery_subjects)
+    closed = identify(probe_features[enrolled], probe_subjects[enrolled], gallery_features, gallery_subjects,
+                      np.zeros((0, features.shape[1])), far_targets=(0.1,), max_rank=5)
+    share = enrolled.mean()
+    return {"rank1": closed.rank1 * share, "rank5": float(closed.cmc[4]) * share, "num_probes": len(probe_subjects),
+            "num_probes_not_enrolled": int((~enrolled).sum()),
+            "num_gallery": {key: len(one_n[key]) for key in galleries},
+            "tpir_at_fpir": {key: tpir_at_fpir(probe_features, probe_subjects, *rows(one_n[key]), IJB_FPIR_TARGETS)
+                             for key in galleries}}
+
+
+def format_ijb_1n_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of the 1:N figures: rank-1, rank-5 (%) and TPIR (%) at each FPIR for each gallery."""
+    first = rows[0]["identification"]
+    columns = [(gallery, fpir) for gallery, tpirs in first["tpir_at_fpir"].items() for fpir in tpirs]
+    lines = [[f"{rows[0]['dataset']} 1:N", "rank-1", "rank-5"]
+             + [f"{gallery} TPIR@FPIR={fpir:g}" for gallery, fpir in columns]]
+    for row in rows:
+        figures = row["identification"]
+        values = [figures["rank1"], figures["rank5"]] + [figures["tpir_at_fpir"][g][f] for g, f in columns]
         lines.append([str(row["model"])] + ["n/a" if math.isnan(value) else f"{100 * value:.2f}" for value in values])
     widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
     rendered = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]

@@ -15,7 +15,7 @@ from facekd.config import job_from_dict
 from facekd.data.loader import to_float
 from facekd.data.synth_ijb import synthesize_ijb
 from facekd.errors import DataError
-from facekd.evaluation import ijb_protocol
+from facekd.evaluation import ijb_1n, ijb_protocol
 from facekd.evaluation.ijb import align_face
 from facekd.network import load_network
 
@@ -23,7 +23,7 @@ from facekd.network import load_network
 @pytest.fixture(scope="module")
 def ijb_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("ijb") / "IJBC"
-    summary = synthesize_ijb(root, num_subjects=5, templates_per_subject=3, image_size=32, seed=2)
+    summary = synthesize_ijb(root, num_subjects=8, templates_per_subject=4, image_size=32, seed=2)
     return root, summary
 
 
@@ -58,7 +58,10 @@ def test_read_ijb_parses_the_layout(ijb_source) -> None:
     assert protocol.faceness[0] == float(first_row[11])
     image, template, media = _lines(root, "face_tid_mid")[-1].split()
     assert (protocol.images[-1], protocol.templates[-1], protocol.medias[-1]) == (image, int(template), int(media))
-    assert protocol.skipped == {"images": 0, "templates": 0, "pairs": 0}
+    assert protocol.skipped == {"images": 0, "templates": 0, "pairs": 0, "1n_templates": 0}
+    # 1:N: subjects 1..4 enrolled in G1 by their first templates (1, 5, 9, 13), subjects 5..8 in G2; the rest probe
+    assert protocol.one_n["G1"] == {1: 1, 5: 2, 9: 3, 13: 4} and protocol.one_n["G2"] == {17: 5, 21: 6, 25: 7, 29: 8}
+    assert protocol.one_n["probes"] == {t: (t - 1) // 4 + 1 for t in range(1, 33) if (t - 1) % 4}
 
 
 def test_missing_landmarks_and_images_are_refused_or_counted(ijb_root) -> None:
@@ -78,7 +81,9 @@ def test_missing_landmarks_and_images_are_refused_or_counted(ijb_root) -> None:
     protocol = ijb_protocol.read_ijb(ijb_root, "IJBC", skip_missing=True)
     pairs = [list(map(int, line.split())) for line in _lines(ijb_root, "template_pair_label")]
     lost_pairs = sum(4 in pair[:2] for pair in pairs)
-    assert protocol.skipped == {"images": 1 + len(by_template[4]), "templates": 1, "pairs": lost_pairs}
+    assert protocol.skipped == {"images": 1 + len(by_template[4]), "templates": 1, "pairs": lost_pairs,
+                                "1n_templates": 1}  # template 4 was one of subject 1's probes
+    assert 4 not in protocol.one_n["probes"]
     assert by_template[2][0] not in protocol.images and 4 not in protocol.templates
     assert len(protocol.first) == len(pairs) - lost_pairs and 4 not in protocol.first and 4 not in protocol.second
     landmark_path.write_text(original)
@@ -123,7 +128,7 @@ def reference_scores(backbone, root, image_size: int) -> tuple[np.ndarray, np.nd
     pairs = np.array([list(map(int, line.split())) for line in
                       (root / "meta" / "ijbc_template_pair_label.txt").read_text().splitlines()])
     scores = np.array([template_feature[a] @ template_feature[b] for a, b, _ in pairs])
-    return scores, pairs[:, 2].astype(bool)
+    return scores, pairs[:, 2].astype(bool), template_feature
 
 
 def test_evaluate_ijb_equals_the_insightface_loop_and_caches(run, ijb_source, tmp_path) -> None:
@@ -131,14 +136,32 @@ def test_evaluate_ijb_equals_the_insightface_loop_and_caches(run, ijb_source, tm
     rows = ijb_protocol.evaluate_ijb([run], root, name="IJBC", out_dir=tmp_path / "out", device="cpu",
                                      batch_size=7, names=["teacher"], progress=False)
     network = load_network(run, "cpu", with_head=False)
-    scores, labels = reference_scores(network.backbone, root, 32)
+    scores, labels, template_feature = reference_scores(network.backbone, root, 32)
     (row,) = rows
     np.testing.assert_allclose(row["scores"], scores, atol=2e-6)
     assert not row["cached"] and row["num_pairs"] == len(scores) and row["num_same_pairs"] == labels.sum()
     # TAR at FAR 1e-1 from sklearn's ROC of the reference scores: the best TPR with FPR <= 0.1
     fpr, tpr, _ = roc_curve(labels, scores)
     assert row["tar_at_far"][0.1] == pytest.approx(tpr[fpr <= 0.1].max(), abs=1e-12)
-    assert np.isnan(row["tar_at_far"][1e-3])  # 90 impostor pairs cannot measure 1e-3
+    assert np.isnan(row["tar_at_far"][1e-3])  # 448 impostor pairs cannot measure 1e-3
+    # 1:N closed set: each probe template against the eight enrolled ones, by argsort
+    one_n = ijb_protocol.read_ijb(root, "IJBC").one_n
+    enrolled = {**one_n["G1"], **one_n["G2"]}
+    ranks = []
+    for template, subject in one_n["probes"].items():
+        order = sorted(enrolled, key=lambda g: -(template_feature[template] @ template_feature[g]))
+        ranks.append([enrolled[g] for g in order].index(subject) + 1)
+    figures = row["identification"]
+    assert figures["rank1"] == pytest.approx(np.mean(np.array(ranks) <= 1), abs=1e-12)
+    assert figures["rank5"] == pytest.approx(np.mean(np.array(ranks) <= 5), abs=1e-12)
+    assert figures["num_probes"] == 24 and not np.isnan(figures["tpir_at_fpir"]["G1"][0.1])  # 12 non-mated
+    for gallery in ("G1", "G2"):
+        probe_templates = list(one_n["probes"])
+        expected = ijb_1n.tpir_at_fpir(np.array([template_feature[t] for t in probe_templates]),
+                                       np.array([one_n["probes"][t] for t in probe_templates]),
+                                       np.array([template_feature[t] for t in one_n[gallery]]),
+                                       np.array(list(one_n[gallery].values())))
+        assert figures["tpir_at_fpir"][gallery] == pytest.approx(expected, nan_ok=True, abs=1e-6)
     again = ijb_protocol.evaluate_ijb([run], root, name="IJBC", out_dir=tmp_path / "out", device="cpu",
                                       names=["teacher"], progress=False)
     assert again[0]["cached"]
@@ -148,6 +171,7 @@ def test_evaluate_ijb_equals_the_insightface_loop_and_caches(run, ijb_source, tm
     assert (tmp_path / "out" / "roc_IJBC.png").stat().st_size > 1000
     table = (tmp_path / "out" / "IJBC.md").read_text()
     assert "| IJBC TAR@FAR | 1e-06 |" in table and f"{100 * row['tar_at_far'][0.1]:.2f}" in table
+    assert "| IJBC 1:N | rank-1 | rank-5 | G1 TPIR@FPIR=0.01 |" in table
 
 
 def test_cli_eval_ijb(run, ijb_root, tmp_path, capsys) -> None:
@@ -160,7 +184,7 @@ def test_cli_eval_ijb(run, ijb_root, tmp_path, capsys) -> None:
     assert main(["eval", str(run), "--ijb", str(ijb_root), "--ijb-skip-missing", "--out", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "| IJBC TAR@FAR |" in printed and "skipped 1 images without landmarks or files; 0 templates" in printed
+    assert "| IJBC TAR@FAR |" in printed and "| IJBC 1:N |" in printed and "skipped 1 images without landmarks or files; 0 templates" in printed
     assert (tmp_path / "out" / "roc_IJBC.png").is_file()
 
 
