@@ -4,6 +4,7 @@ SIGKILLed mid-run and the group restarted from the last reported checkpoint; the
 command run again; `--ray` against torchrun, weight for weight."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 
 from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, verify_checkpoint
 from test_distributed_training import ZERO_1, _train, _weights, _write
@@ -54,8 +54,10 @@ def ray_head():
     folder, not by name: other Ray instances on the machine are left alone) are killed, pass or fail."""
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths live under it
     port, dashboard = _free_port(), _free_port()
-    command = ["ray", "start", "--head", "--port", str(port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+    ray = Path(sys.executable).with_name("ray")  # the console script of the Ray this Python imports
+    command = [str(ray if ray.is_file() else "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
+               "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--include-dashboard", "true",
                "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
                "--temp-dir", temp_dir, "--disable-usage-stats"]
     try:
@@ -70,6 +72,7 @@ def ray_head():
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(processes, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
