@@ -355,6 +355,18 @@ def test_ray_flags_override_the_spec_and_are_checked(tiny_job, teacher, tmp_path
     assert result.returncode == 2 and "train.output_dir is relative" in result.stderr, result.stderr[-2000:]
 
 
+def test_the_ray_section_may_change_when_a_run_resumes(tiny_job):
+    """More workers, other resources, another storage path: the run is the same one (as with the train section)."""
+    from facekd.config import job_from_dict
+    from facekd.train import Trainer
+
+    spec = tiny_job("regrown", train={"steps": 2, "checkpoint_every": 2})
+    Trainer(job_from_dict(spec), progress=False).fit()
+    spec["ray"] = {"workers": 4, "cpus_per_worker": 2.0, "storage_path": "s3://bucket/runs"}
+    spec["train"]["steps"] = 3
+    assert Trainer(job_from_dict(spec), resume=True, progress=False).fit()["steps_run"] == 1
+
+
 def test_jobs_stop_ends_a_submitted_run(ray_head, teacher, tiny_job, tmp_path):
     """Runs last: the stopped job's workers are gone before the module's head is."""
     job_file = _write(_student(tiny_job, teacher, "long", steps=400), tmp_path)
