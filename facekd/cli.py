@@ -167,35 +167,46 @@ def _launch_local(args: argparse.Namespace) -> None:
                             "(each rank's error is printed above)")
 
 
+def _eval_ijb(args: argparse.Namespace, root: Path) -> None:
+    from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_1n_table, format_ijb_table
+
+    name = args.ijb_name or root.resolve().name.upper()
+    if name not in IJB_NAMES:
+        raise ConfigError(f"--ijb {root}: cannot tell IJB-B from IJB-C by the folder name; "
+                          f"give --ijb-name {'|'.join(IJB_NAMES)}")
+    rows = evaluate_ijb(args.checkpoints, root, name=name, out_dir=args.out, cache_dir=args.cache,
+                        skip_missing=args.ijb_skip_missing, device=args.device, batch_size=args.batch_size)
+    print(format_ijb_table(rows))
+    if "identification" in rows[0]:
+        print(format_ijb_1n_table(rows))
+    skipped = rows[0]["skipped"]
+    if skipped["images"]:
+        print(f"skipped {skipped['images']} images without landmarks or files; {skipped['templates']} templates "
+              f"and {skipped['pairs']} pairs left without images")
+    print(f"{name}.json, {name}.md and roc_{name}.png written under {args.out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
-    if args.ijb is None and (args.ijb_name is not None or args.ijb_skip_missing):
+    suite = [args.bins is not None, bool(args.ijb), args.megaface is not None]
+    if args.bin is None and not any(suite):
+        raise ConfigError("give --bin FILE..., or any of --bins DIR, --ijb ROOT..., --megaface ROOT")
+    if args.bin is not None and any(suite):
+        raise ConfigError("--bin scores single files on its own; for several benchmarks at once use --bins DIR "
+                          "with --ijb and --megaface")
+    if not args.ijb and (args.ijb_name is not None or args.ijb_skip_missing):
         raise ConfigError("--ijb-name and --ijb-skip-missing go with --ijb ROOT")
-    if args.ijb is not None:
-        from facekd.evaluation.ijb_protocol import IJB_NAMES, evaluate_ijb, format_ijb_1n_table, format_ijb_table
+    if args.ijb_name is not None and len(args.ijb) > 1:
+        raise ConfigError(f"--ijb-name names one benchmark, but --ijb gives {len(args.ijb)} folders: name each "
+                          "folder IJBB or IJBC instead")
+    if args.bin is not None:
+        from facekd.eval import evaluate_checkpoints, format_table
 
-        name = args.ijb_name or args.ijb.resolve().name.upper()
-        if name not in IJB_NAMES:
-            raise ConfigError(f"--ijb {args.ijb}: cannot tell IJB-B from IJB-C by the folder name; "
-                              f"give --ijb-name {'|'.join(IJB_NAMES)}")
-        rows = evaluate_ijb(args.checkpoints, args.ijb, name=name, out_dir=args.out, cache_dir=args.cache,
-                            skip_missing=args.ijb_skip_missing, device=args.device, batch_size=args.batch_size)
-        print(format_ijb_table(rows))
-        if "identification" in rows[0]:
-            print(format_ijb_1n_table(rows))
-        skipped = rows[0]["skipped"]
-        if skipped["images"]:
-            print(f"skipped {skipped['images']} images without landmarks or files; {skipped['templates']} templates "
-                  f"and {skipped['pairs']} pairs left without images")
-        print(f"{name}.json, {name}.md and roc_{name}.png written under {args.out}")
+        rows = evaluate_checkpoints(args.checkpoints, args.bin, out_dir=args.out, device=args.device,
+                                    batch_size=args.batch_size)
+        print(format_table(rows))
+        print(f"results and ROC plot written under {args.out}")
         return
-    if args.megaface is not None:
-        from facekd.evaluation.identification import evaluate_identification, format_identification_table
-
-        rows = evaluate_identification(args.checkpoints, args.megaface, out_dir=args.out, cache_dir=args.cache,
-                                       device=args.device, batch_size=args.batch_size)
-        print(format_identification_table(rows))
-        print(f"identification.json, identification.md and cmc.png written under {args.out}")
-        return
+    # one benchmark after another, sharing --out and the embedding cache; their files do not collide
     if args.bins is not None:
         from facekd.evaluation.suite import evaluate_suite, find_bins, format_suite_table
 
@@ -203,13 +214,15 @@ def _eval(args: argparse.Namespace) -> None:
                               device=args.device, batch_size=args.batch_size)
         print(format_suite_table(rows))
         print(f"results.json, table.md and roc_<set>.png written under {args.out}")
-        return
-    from facekd.eval import evaluate_checkpoints, format_table
+    for root in args.ijb or ():
+        _eval_ijb(args, root)
+    if args.megaface is not None:
+        from facekd.evaluation.identification import evaluate_identification, format_identification_table
 
-    rows = evaluate_checkpoints(args.checkpoints, args.bin, out_dir=args.out, device=args.device,
-                                batch_size=args.batch_size)
-    print(format_table(rows))
-    print(f"results and ROC plot written under {args.out}")
+        rows = evaluate_identification(args.checkpoints, args.megaface, out_dir=args.out, cache_dir=args.cache,
+                                       device=args.device, batch_size=args.batch_size)
+        print(format_identification_table(rows))
+        print(f"identification.json, identification.md and cmc.png written under {args.out}")
 
 
 def _import_insightface(args: argparse.Namespace) -> None:
@@ -375,12 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="10-fold verification accuracy and ROC of trained networks")
     evaluate.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints or run folders")
-    sets = evaluate.add_mutually_exclusive_group(required=True)
+    sets = evaluate.add_argument_group("benchmarks", "--bin alone, or any of --bins, --ijb and --megaface together")
     sets.add_argument("--bin", type=Path, nargs="+", help="verification .bin files")
     sets.add_argument("--bins", type=Path, metavar="DIR",
                       help="every .bin in DIR (lfw, cfp_fp, agedb_30, ...): one table, networks as rows")
-    sets.add_argument("--ijb", type=Path, metavar="ROOT",
-                      help="IJB-B/C 1:1 verification, insightface's layout: ROOT/meta/ijbX_*.txt, ROOT/loose_crop/")
+    sets.add_argument("--ijb", type=Path, nargs="+", metavar="ROOT",
+                      help="IJB-B/C verification (and 1:N where its files are), insightface's layout: "
+                           "ROOT/meta/ijbX_*.txt, ROOT/loose_crop/; the folder's name (IJBB, IJBC) says which")
     sets.add_argument("--megaface", type=Path, metavar="ROOT",
                       help="identification, MegaFace style: ROOT/probes/<identity>/, ROOT/gallery/<identity>/ and "
                            "ROOT/distractors/ of aligned images; rank-1, TAR@FAR=1e-6, CMC")
