@@ -48,7 +48,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str
     """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet`` (Chen et al.)
-    or ``mobilefacenet_arcface_torch`` (insightface arcface_torch's ``mbf``, what ``facekd import insightface`` builds)."""
+    or ``mobilefacenet_arcface_torch`` (insightface arcface_torch's ``mbf``, what ``facekd import insightface`` builds);
+    ``dc_iresnet18`` or ``dgconv_iresnet18``: CondFace's routed IResNet-18s (thesis Sec. 5.4, DC and AS4)."""
     width: float = 1.0
     """Channel multiplier (Wang & Lan 2017's ResNet/2, /4, /8 students are 0.5, 0.25, 0.125)."""
     embedding_dim: int = 512

@@ -46,7 +46,7 @@ from facekd.distributed.engine import DeepSpeedOptimiser, LocalOptimiser, deepsp
 from facekd.distributed.world import World, launched_by_a_launcher
 from facekd.errors import CheckpointError, ConfigError, FacekdError, TrainingError
 from facekd.heads import MarginHead
-from facekd.models import StagedBackbone
+from facekd.models import StagedBackbone, routing_temperature, set_routing_temperature
 from facekd.network import (
     CHECKPOINT_FORMAT, Network, autocast_for, build_network, head_rows, load_network, resolve_device, resolve_precision,
 )
@@ -180,6 +180,7 @@ class _Run:
     optimiser: LocalOptimiser | DeepSpeedOptimiser
     lr: float = 0.0  # the learning rate of the last step
     teacher_normalize: str = "mxnet"  # the teacher's own model.normalize (the input it was trained on)
+    steps_per_epoch: int = 1  # this rank's batches per epoch: the clock of epoch-based annealing
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +302,7 @@ class Trainer:
                                        clip_grad_norm=optim.clip_grad_norm, fp16=autocast_dtype == torch.float16,
                                        device=device)
         run = _Run(world, autocast, step, loader, unlabeled, backbone, head, teacher_backbone, distiller, optimiser,
-                   teacher_normalize=teacher_normalize)
+                   teacher_normalize=teacher_normalize, steps_per_epoch=loader.batches_per_epoch)
 
         # every rank drew the same initial weights; from here each draws its own random numbers (dropout)
         if world.distributed:
@@ -450,7 +451,8 @@ class Trainer:
         images = to_float(pixels, self.job.model.normalize)
         labels = batch.labels.to(run.device, non_blocking=True)
 
-        # forward: student backbone, frozen teacher
+        # forward: student backbone (its routing softmax, if routed, at DyConv's annealed temperature), frozen teacher
+        set_routing_temperature(run.backbone, routing_temperature(run.step, run.steps_per_epoch))
         with run.autocast:
             student = _forward(run.backbone, images, run.distiller.needs_stages)
             teacher_outputs = None

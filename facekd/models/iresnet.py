@@ -17,7 +17,7 @@ stage.
 from __future__ import annotations
 
 import math
-from typing import Literal, overload
+from typing import Callable, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -235,6 +235,13 @@ def init_conv_bn(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+UnitFactory = Callable[[int, int, int, int], nn.Module]
+
+
+def _static_unit(in_channels: int, out_channels: int, stride: int, stage_index: int) -> nn.Module:
+    return IBasicBlock(in_channels, out_channels, stride)
+
+
 class IResNet(StagedBackbone):
     """IResNet-18/34/50/100/200 (ArcFace, insightface arcface_torch ``backbones/iresnet.py``).
 
@@ -251,6 +258,9 @@ class IResNet(StagedBackbone):
         dropout: dropout before the FC (0 in arcface_torch's default configs).
         zero_init_residual: zero the last BN of every residual unit so each unit starts as
             its shortcut (Goyal et al. 2017). insightface's flag zeroes the middle BN instead.
+        unit: builds each residual unit as ``unit(in_channels, out_channels, stride, stage_index)``
+            (a module with IBasicBlock's ``bn3``); IBasicBlock by default. The dynamically routed
+            IResNets of :mod:`facekd.models.condface` pass theirs.
     """
 
     def __init__(
@@ -262,6 +272,7 @@ class IResNet(StagedBackbone):
         image_size: int = 112,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        unit: UnitFactory | None = None,
     ) -> None:
         if depth not in IRESNET_LAYERS:
             raise ValueError(f"IResNet depth must be one of {sorted(IRESNET_LAYERS)}, got {depth}")
@@ -274,10 +285,11 @@ class IResNet(StagedBackbone):
         # build stages: the first unit of each stage halves the resolution
         stages: list[nn.Module] = []
         sizes: list[int] = []
+        make_unit = unit or _static_unit
         in_channels, size = channels[0], image_size
-        for out_channels, num_units in zip(channels, IRESNET_LAYERS[depth]):
-            units = [IBasicBlock(in_channels, out_channels, stride=2)]
-            units += [IBasicBlock(out_channels, out_channels, stride=1) for _ in range(num_units - 1)]
+        for stage_index, (out_channels, num_units) in enumerate(zip(channels, IRESNET_LAYERS[depth])):
+            units = [make_unit(in_channels, out_channels, 2, stage_index)]
+            units += [make_unit(out_channels, out_channels, 1, stage_index) for _ in range(num_units - 1)]
             stages.append(nn.Sequential(*units))
             in_channels, size = out_channels, downsampled_size(size)
             sizes.append(size)
@@ -300,6 +312,6 @@ class IResNet(StagedBackbone):
 
         init_conv_bn(self)
         if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, IBasicBlock):
+            for stage in self.stages:
+                for m in stage:
                     nn.init.zeros_(m.bn3.weight)
