@@ -121,5 +121,12 @@ class World:
         return gathered
 
     def close(self) -> None:
+        """Leave the job: wait until every rank is done with its collectives, let go of the work objects the
+        engine still references, then destroy the process groups. gloo's worker threads must not outlive the
+        group: a rank that exits while they hold work aborts ("terminate called without an active exception")."""
         if self.group is not None and dist.is_initialized():
+            import gc
+
+            dist.barrier(group=self.group)
+            gc.collect()
             dist.destroy_process_group()

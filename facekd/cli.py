@@ -65,12 +65,12 @@ def _train(args: argparse.Namespace) -> None:
     from facekd.train import Trainer
 
     trainer = Trainer(job, resume=args.resume)
-    try:
-        summary = trainer.fit()
-    finally:
-        if launched_by_a_launcher() and trainer.world is not None:
-            trainer.world.close()
-    if trainer.world.is_main:
+    summary = trainer.fit()  # on an error the launcher ends the other ranks: no collective teardown then
+    world, main = trainer.world, trainer.world.is_main
+    del trainer  # the engine and its communication buffers go before the process group
+    if launched_by_a_launcher():
+        world.close()
+    if main:
         print(json.dumps(summary, indent=2))
 
 
