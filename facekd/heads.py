@@ -20,7 +20,7 @@ from facekd.config import HeadConfig
 from facekd.distributed.classifier import ShardedClassifier
 from facekd.distributed.world import World
 from facekd.kernels.backend import full_precision, reference_dtype
-from facekd.kernels.margin_ce import _Margin, cosine_logits, margin_logits, reference_margin_target
+from facekd.kernels.margin_ce import cosine_logits, margin_logits
 
 __all__ = ["MarginHead", "logit_dtype"]
 
@@ -56,14 +56,5 @@ class MarginHead(ShardedClassifier):
         c = self.config
         dtype = logit_dtype(self.weight)
         with full_precision(embeddings.device):
-            if not self.sharded:
-                return margin_logits(embeddings.to(dtype), self.weight.to(dtype), labels, s=c.s, m1=c.m1,
-                                     m2=c.m2, m3=c.m3)
-            logits = cosine_logits(embeddings.to(dtype), self.weight.to(dtype), s=1.0)
-            local = labels - self.class_offset
-            owned = (local >= 0) & (local < self.num_local)
-            column = local.clamp(0, self.num_local - 1)[:, None]
-            margin = _Margin.build(c.s, c.m1, c.m2, c.m3, "exact")
-            target, _ = reference_margin_target(logits.gather(1, column).clamp(-1 + 1e-7, 1 - 1e-7), margin)
-            margined = (c.s * logits).scatter(1, column, target)
-            return torch.where(owned[:, None], margined, c.s * logits)
+            return margin_logits(embeddings.to(dtype), self.weight.to(dtype), labels, s=c.s, m1=c.m1, m2=c.m2,
+                                 m3=c.m3, class_offset=self.class_offset if self.sharded else None)

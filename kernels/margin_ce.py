@@ -904,20 +904,28 @@ def margin_logits(
     m1: float = 1.0,
     m2: float = 0.5,
     m3: float = 0.0,
+    class_offset: int | None = None,
 ) -> torch.Tensor:
     """The logits the margin loss sees, [B, C]: s·(ψ(cos θ_y) − m3) on the target column, s·cos θ elsewhere.
 
     Plain torch and differentiable (exact margin gradient; acos is not differentiable at cos = ±1,
     so a target exactly on its centre gets no gradient through the margin). It materialises the
     B×C logits: for methods that compare margined logits (the GKD authors' code), not for the loss.
+    ``class_offset``: ``weight`` is a shard holding the global classes [class_offset, class_offset + C)
+    and ``labels`` are global; a row whose label another shard holds gets no margin here.
     """
     margin = _Margin.build(s, m1, m2, m3, "exact")
     logits = cosine_logits(embeddings, weight, s=1.0)
     if labels.shape != (logits.shape[0],) or labels.dtype != torch.int64:
         raise ValueError(
             f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
-    target, _ = reference_margin_target(logits.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7), margin)
-    return (s * logits).scatter(1, labels[:, None], target)
+    columns = labels if class_offset is None else (labels - class_offset).clamp(0, logits.shape[1] - 1)
+    target, _ = reference_margin_target(logits.gather(1, columns[:, None]).clamp(-1 + 1e-7, 1 - 1e-7), margin)
+    margined = (s * logits).scatter(1, columns[:, None], target)
+    if class_offset is None:
+        return margined
+    owned = (labels >= class_offset) & (labels < class_offset + logits.shape[1])
+    return torch.where(owned[:, None], margined, s * logits)
 
 
 def margin_softmax_ce_sharded(

@@ -400,3 +400,27 @@ def test_kernels_compile_for_hopper():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("shared memory") == 20
+
+
+def test_margin_logits_of_class_shards_are_the_whole_matrix_split_by_column():
+    """With ``class_offset`` each shard puts the margin only on the rows whose label it holds: the shards side by
+    side equal the whole margined matrix, values and gradients (float64)."""
+    from facekd.kernels.margin_ce import margin_logits
+
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(7, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 3, 4, 7, 8, 10, 5])  # shard borders at 4 and 8
+    upstream = torch.randn(7, 11, dtype=torch.float64, generator=generator)
+    options = dict(s=16.0, m2=0.3, m3=0.1)
+    whole = margin_logits(embeddings, weight, labels, **options)
+    grads = torch.autograd.grad((whole * upstream).sum(), (embeddings, weight))
+    shards = torch.cat([margin_logits(embeddings, weight[start:end], labels, class_offset=start, **options)
+                        for start, end in ((0, 4), (4, 8), (8, 11))], dim=1)
+    torch.testing.assert_close(shards, whole, rtol=0, atol=0)
+    for got, expected in zip(torch.autograd.grad((shards * upstream).sum(), (embeddings, weight)), grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # a shard that holds none of the labels is the plain s·cos θ
+    plain = 16.0 * torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(weight[4:8], dim=1).T
+    torch.testing.assert_close(margin_logits(embeddings, weight[4:8], torch.tensor([0, 1, 2, 3, 8, 9, 10]),
+                                             class_offset=4, **options), plain, rtol=1e-12, atol=1e-12)
