@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from facekd.distributed.checkpoint import checkpoint_path, list_checkpoints, verify_checkpoint
-from test_distributed_training import ZERO_1, _train, _weights, _write
+from test_distributed_training import ZERO_1, _train, _weights, _write, teacher_on_two_ranks  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -76,19 +76,9 @@ def ray_head():
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_data, tmp_path_factory):
-    """A teacher trained on 2 torchrun ranks (as the distributed training tests' one)."""
-    out = tmp_path_factory.mktemp("ray_teacher")
-    spec = {
-        "name": "teacher", "data": {"manifest": str(tiny_data / "shards"), "image_size": 32, "num_workers": 0,
-                                    "shuffle_buffer": 16},
-        "model": {"backbone": "iresnet18", "width": 0.125, "embedding_dim": 16}, "head": {"s": 16.0, "m2": 0.2},
-        "train": {"output_dir": str(out / "teacher"), "steps": 6, "batch_size": 4, "checkpoint_every": 6,
-                  "device": "cpu"},
-        "deepspeed": ZERO_1,
-    }
-    _train(_write(spec, out), 2)
-    return out / "teacher"
+def teacher(teacher_on_two_ranks):
+    """The distributed training tests' teacher, trained on 2 torchrun ranks."""
+    return teacher_on_two_ranks
 
 
 def _student(tiny_job, teacher, name, **train):
