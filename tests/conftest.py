@@ -9,6 +9,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Run on one torch thread: on the 2-core machine, shared with other test processes, OpenMP's spin-waits make
+    two threads per tiny operation several times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic data set (6 identities × 8 images at 32 px, 20 pairs) and its shards."""

@@ -9,18 +9,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from facekd.bench import margin  # noqa: E402
-
-
-@pytest.fixture
-def one_thread():
-    # two shared cores: OpenMP's spin-waits make tiny ops slow when other processes hold them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def parse(*argv):

@@ -119,6 +119,12 @@ class Device:
     def peak_tflops(self, dtype: str) -> float | None:
         return DENSE_PEAK_TFLOPS[self.peak_name][dtype] if self.peak_name else None
 
+    @property
+    def peak_note(self) -> str:
+        """What a table's × dense peak column is measured against, for its notes."""
+        return (f"dense peak of {self.peak_name} (fp32 rows against TF32)" if self.peak_name
+                else "no dense peak known for this device")
+
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.torch_device)

@@ -171,8 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     notes = {
         "shapes": f"3×3 stride-1 convolutions, C→C channels on H×H maps, n = {args.experts} experts per group",
         "flops": "3·2·B·C·(C/m)·9·H² useful FLOPs per forward+backward, the mixing not counted",
-        "peak": (f"dense peak of {device.peak_name} (fp32 rows against TF32)" if device.peak_name
-                 else "no dense peak known for this device"),
+        "peak": device.peak_note,
     }
     return write_results(args.out, BENCH, device, rows, notes=notes, columns=COLUMNS, chart=CHART,
                          key=("stage", "B", "m", "n", "dtype", "method"))

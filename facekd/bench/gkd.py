@@ -245,8 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     notes = {
         "inputs": "embeddings near their class centre (student cos ≈ 0.3, teacher ≈ 0.6), s = 64",
         "flops": "embeddings form: 8·B·C·D useful FLOPs per forward+backward, recomputation not counted",
-        "peak": (f"dense peak of {device.peak_name} (fp32 rows against TF32)" if device.peak_name
-                 else "no dense peak known for this device"),
+        "peak": device.peak_note,
     }
     return write_results(args.out, BENCH, device, rows, notes=notes, columns=COLUMNS, chart=CHART,
                          key=("form", "B", "C", "D", "dtype", "tau", "T", "method"))

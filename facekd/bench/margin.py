@@ -293,8 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     notes = {
         "flops": ("8·B·C·D per forward+backward (logits, their recompute, two gradient GEMMs); "
                   "phases 2/4/4·B·C·D"),
-        "peak": (f"dense peak of {device.peak_name} (fp32 rows against TF32)" if device.peak_name
-                 else "no dense peak known for this device"),
+        "peak": device.peak_note,
         "baselines": "liger, cce and torch_linear_ce get pre-normalised inputs (margin none only)",
     }
     if args.fit:

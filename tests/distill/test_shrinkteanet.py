@@ -23,14 +23,8 @@ TOLERANCES = {  # dtype → (forward rtol, gradient rtol)
 STAGE_WEIGHTS = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run the small float64 backbones on one thread: on a 2-core machine shared with other test
-    processes, two OpenMP threads per tiny convolution make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the small float64 backbones run on one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_angular(student, teacher):
