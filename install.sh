@@ -15,3 +15,14 @@ if ! "$PYTHON" -m pip show deepspeed >/dev/null 2>&1; then
     "$PYTHON" -m pip install --no-build-isolation "deepspeed>=0.15"
 fi
 "$PYTHON" -m pip install -e ".[test]"
+
+# Debian's headless Chromium renders `facekd report`'s page in the tests (they skip, saying so, without it)
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+            || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+    else
+        echo "note: /usr/bin/chromium is missing and cannot be installed here (needs apt-get and root);" \
+             "the test that renders facekd report's page in a browser will be skipped"
+    fi
+fi

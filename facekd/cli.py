@@ -269,6 +269,13 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, device=args.device, fresh=args.fresh)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from facekd.report import build_report
+
+    path = build_report(args.runs, out=args.out, eval_dirs=args.eval or (), bench=args.bench)
+    print(f"report written to {path}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from facekd.bench import data, dgconv, gkd, gpu_suite, identification, margin, partial_fc
 
@@ -448,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     demo.add_argument("--fresh", action="store_true", help="delete earlier demo output first instead of reusing it")
     demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser("report", help="one self-contained HTML page: job specs, training curves, "
+                                                "evaluation tables and plots of runs, side by side, and benchmarks")
+    report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir)")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file (default report.html)")
+    report.add_argument("--eval", type=Path, nargs="+", metavar="DIR",
+                        help="folders written by 'facekd eval --out' to include as well")
+    report.add_argument("--bench", type=Path, default=None, metavar="RESULTS",
+                        help="results root of 'facekd bench' (results/<device>/*.json|md|png) to include")
+    report.set_defaults(handler=_report)
 
     bench = commands.add_parser("bench", help="kernel benchmarks writing JSON, markdown and PNG under results/")
     bench.add_argument("bench", choices=("kernels", "margin", "gkd", "data", "gpu-suite", "partial-fc", "dgconv",
