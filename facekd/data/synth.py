@@ -390,8 +390,14 @@ class FaceRenderer:
             draw.polygon(self._xy(np.concatenate([np.stack([cx + fw * xn, line_y], axis=1), cap])), fill=hair)
         return image
 
-    def _draw_expression(self, draw: ImageDraw.ImageDraw, face: FaceParams, rng: np.random.Generator) -> None:
-        """Eyes, brows, glasses and mouth under this sample's gaze, blink, brow raise and mouth movement."""
+    def _draw_expression(self, draw: ImageDraw.ImageDraw, face: FaceParams, rng: np.random.Generator) -> dict[str, Any]:
+        """Eyes, brows, glasses and mouth under this sample's gaze, blink, brow raise and mouth movement.
+
+        Returns the drawn outlines in canonical-canvas fractions (what dense landmarks are read from): ``eyes`` and
+        ``brows``, image-left first, the (28, 2) eye polygons and (10, 2) brow centre lines (inner end first);
+        ``mouth``: sample ``x`` (17) and the ``upper`` lip edge, the lip ``line``, the ``open`` edge and the ``lower``
+        lip edge heights at them."""
+        shapes: dict[str, Any] = {"eyes": [], "brows": []}
         cx, ey = 0.5, face.eye_y
         gaze_x, gaze_y = rng.uniform(-1, 1) * 0.35, rng.uniform(-1, 1) * 0.2
         eye_h = face.eye_h * (0.15 if rng.random() < 0.04 else rng.uniform(0.75, 1.1))
@@ -408,6 +414,7 @@ class FaceRenderer:
             ca, sa = math.cos(angle), math.sin(angle)
             almond = np.stack([ex + ca * almond_x - sa * almond_y, ey + sa * almond_x + ca * almond_y], axis=1)
             draw.polygon(self._xy(almond), fill=(236, 232, 226))
+            shapes["eyes"].append(almond)
             # the iris stays inside the eye, so no clipping is needed
             ix, iy = ex + gaze_x * face.eye_w, ey + gaze_y * eye_h
             radius = min(face.iris_r * face.eye_w, 0.8 * eye_h * math.sqrt(1.0 - gaze_x**2) - abs(gaze_y) * eye_h)
@@ -422,6 +429,7 @@ class FaceRenderer:
             by = ey - face.eye_h - face.brow_gap - brow_raise - arch - face.brow_slant * along
             half = face.brow_thickness * (1.0 - 0.55 * along) / 2
             draw.polygon(self._xy(_band(bx, by - half, by + half)), fill=_scaled(face.hair, 0.75))
+            shapes["brows"].append(np.stack([bx, by], axis=1))
             if face.glasses:
                 half_w, half_h = face.eye_w * 1.45, max(face.eye_h * 2.0, face.eye_w * 0.9)
                 box = self._xy(_box(ex, ey, half_w, half_h))
@@ -443,11 +451,14 @@ class FaceRenderer:
         bulge = np.sqrt(1.0 - xn**2)
         upper_edge = line - 0.7 * face.lip_thickness * bulge * (1.0 - 0.35 * np.exp(-((xn / 0.18) ** 2)))
         open_edge = line + opening * bulge
+        lower_edge = open_edge + face.lip_thickness * bulge**1.2
         if opening:
             draw.polygon(self._xy(_band(mx, line, open_edge)), fill=(60, 20, 24))
         draw.polygon(self._xy(_band(mx, upper_edge, line)), fill=face.lips)
-        draw.polygon(self._xy(_band(mx, open_edge, open_edge + face.lip_thickness * bulge**1.2)), fill=face.lips)
+        draw.polygon(self._xy(_band(mx, open_edge, lower_edge)), fill=face.lips)
         draw.line(self._xy(np.stack([mx, line], axis=1)), fill=_scaled(face.lips, 0.5), width=self._width(0.004))
+        shapes["mouth"] = {"x": mx, "upper": upper_edge, "line": line, "open": open_edge, "lower": lower_edge}
+        return shapes
 
     def _draw_face_occluder(self, draw: ImageDraw.ImageDraw, face: FaceParams, rng: np.random.Generator) -> None:
         """Sunglasses (6 %) or a face mask (4 %), drawn before the pose so that they turn with the face."""
@@ -553,10 +564,15 @@ class FaceRenderer:
         tip_y = face.eye_y + face.nose_length
         canonical = np.array([[0.5 - face.eye_spacing, face.eye_y], [0.5 + face.eye_spacing, face.eye_y],
                               [0.5, tip_y], [0.5 - face.mouth_w, face.mouth_y], [0.5 + face.mouth_w, face.mouth_y]])
+        return self.posed_points(canonical, pose)
+
+    def posed_points(self, canonical: np.ndarray, pose: tuple[float, ...]) -> np.ndarray:
+        """Canonical-canvas points [N, 2] (fractions) where a sample posed by ``pose`` shows them, [N, 2] in output
+        pixel-centre coordinates."""
         # the pose maps output canvas edge coordinates to canonical ones (PIL's PERSPECTIVE): invert it
         a, b, c, d, e, f, g, h = pose
         to_canonical = np.array([[a, b, c], [d, e, f], [g, h, 1.0]])
-        points = np.linalg.solve(to_canonical, np.vstack([canonical.T * self.canvas, np.ones(5)]))
+        points = np.linalg.solve(to_canonical, np.vstack([canonical.T * self.canvas, np.ones(len(canonical))]))
         posed = (points[:2] / points[2]).T
         return posed / RENDER_SCALE - 0.5  # reduce() box-filters RENDER_SCALE canvas pixels into one
 
@@ -564,18 +580,26 @@ class FaceRenderer:
         self, face: FaceParams, canonical: Image.Image, rng: np.random.Generator,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`render` and the sample's 5 landmarks (:meth:`landmarks`): the same pixels from the same ``rng``."""
+        pixels, pose, _ = self.render_sample(face, canonical, rng)
+        return pixels, self.landmarks(face, pose)
+
+    def render_sample(
+        self, face: FaceParams, canonical: Image.Image, rng: np.random.Generator,
+    ) -> tuple[np.ndarray, tuple[float, ...], dict[str, Any]]:
+        """:meth:`render`'s pixels from the same ``rng``, its pose coefficients (see :meth:`posed_points`) and the
+        outlines of its expression (see :meth:`_draw_expression`)."""
         # background, then the identity's face, this sample's expression and a worn occluder
         image, base = self._background(rng)
         image.paste(canonical, (0, 0), canonical)
         draw = ImageDraw.Draw(image)
-        self._draw_expression(draw, face, rng)
+        shapes = self._draw_expression(draw, face, rng)
         self._draw_face_occluder(draw, face, rng)
         # pose: nearest sampling at twice the size then a 2x2 box filter (4 samples a pixel, 5x cheaper than
         # bilinear); then an occluder in front of the posed face and the photometric changes
         pose = self._pose_coefficients(rng)
         image = image.transform(image.size, Image.Transform.PERSPECTIVE, pose, Image.Resampling.NEAREST, fillcolor=base)
         self._draw_image_occluder(ImageDraw.Draw(image), rng)
-        return self._photometric(image.reduce(RENDER_SCALE), rng), self.landmarks(face, pose)
+        return self._photometric(image.reduce(RENDER_SCALE), rng), pose, shapes
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

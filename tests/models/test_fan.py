@@ -106,7 +106,8 @@ def test_load_fan_reads_a_facekd_checkpoint_folder(tmp_path):
             p.normal_()
     config = {"landmarks": 5, "stacks": 3, "width": 16, "depth": 3}
     save_checkpoint({"fan": config, "model": fan.state_dict(), "step": 7}, tmp_path / "run" / "checkpoints", 7)
-    for where in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "step_000000007"):
+    run = tmp_path / "run"
+    for where in (run, run / "checkpoints", run / "checkpoints" / "step_000000007"):
         loaded = load_fan(where)
         assert fan_config(loaded.state_dict()) == config
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), fan.state_dict().values()))
