@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from facekd.clustering import ClusterHead, cluster_loss, sinkhorn
 from facekd.config import JobConfig, OptimConfig, job_from_dict, job_to_dict
 from facekd.data.convert import read_manifest
 from facekd.data.loader import build_train_loader, epoch_length, to_float
@@ -127,13 +128,14 @@ class _LogWindow:
     """Loss sums over a logging window, kept on the device so that the step loop never waits for it."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(2, device=device)  # label loss, distillation loss
+        self.sums = torch.zeros(3, device=device)  # label loss, distillation loss, clustering loss (unweighted)
         self.steps = 0
         self.start = time.perf_counter()
         self.skipped = 0  # corrupt or unlabelled samples of the whole run (host counts from the loader)
 
-    def add(self, label_loss: torch.Tensor, distill_loss: torch.Tensor, skipped: int) -> None:
-        self.sums += torch.stack([label_loss.detach(), distill_loss.detach()])
+    def add(self, label_loss: torch.Tensor, distill_loss: torch.Tensor, cluster_loss: torch.Tensor, skipped: int
+            ) -> None:
+        self.sums += torch.stack([label_loss.detach(), distill_loss.detach(), cluster_loss.detach()])
         self.steps += 1
         self.skipped += skipped
 
@@ -142,17 +144,17 @@ class _LogWindow:
         poisons the sums); all ranks get the same answer, so all stop together."""
         return _agree(world, bool(self.sums.isfinite().all()))
 
-    def read(self, batch_size: int, world: World) -> tuple[float, float, float]:
-        """(mean label loss, mean distillation loss, images/s) of the window over all ranks; it then starts
-        again. The label loss is the same on every rank; the distillation loss averages the ranks' per-sample
-        terms, as the data-parallel engine averages their gradients."""
+    def read(self, batch_size: int, world: World) -> tuple[float, float, float, float]:
+        """(mean label loss, mean distillation loss, mean clustering loss, images/s) of the window over all
+        ranks; it then starts again. The label loss is the same on every rank; the distillation and clustering
+        losses average the ranks' per-sample terms, as the data-parallel engine averages their gradients."""
         sums = self.sums.clone()
         world.all_reduce(sums, "sum")
-        label_mean, distill_mean = (sums / (self.steps * world.world_size)).tolist()
+        label_mean, distill_mean, cluster_mean = (sums / (self.steps * world.world_size)).tolist()
         images_per_second = self.steps * batch_size * world.world_size / (time.perf_counter() - self.start)
         self.sums.zero_()
         self.steps, self.start = 0, time.perf_counter()
-        return label_mean, distill_mean, images_per_second
+        return label_mean, distill_mean, cluster_mean, images_per_second
 
 
 def _agree(world: World, ok: bool) -> bool:
@@ -181,6 +183,8 @@ class _Run:
     lr: float = 0.0  # the learning rate of the last step
     teacher_normalize: str = "mxnet"  # the teacher's own model.normalize (the input it was trained on)
     steps_per_epoch: int = 1  # this rank's batches per epoch: the clock of epoch-based annealing
+    cluster: ClusterHead | None = None  # CondFace's projection head and prototypes on the routing vector
+    assignments: Any = None  # the k-means pseudo-labels of the current epoch (facekd.deepcluster.EpochAssignments)
 
     @property
     def device(self) -> torch.device:
@@ -287,22 +291,33 @@ class Trainer:
         teacher_backbone = None if teacher is None else teacher.backbone
         teacher_normalize = job.model.normalize if teacher is None else teacher.job.model.normalize
 
+        # build the clustering loss's projection head and prototypes on the routing vector (CondFace)
+        cluster = None
+        if job.cluster.method != "none":
+            config = job.cluster
+            cluster = ClusterHead(backbone.routing_dim, config.prototypes, head=config.head, head_dim=config.head_dim,
+                                  hidden_dim=config.hidden_dim).to(device).train()
+
         # build the optimisers: the engine over backbone and adapters, the classifier shard beside it
         optim = job.optim
         if world.distributed:
             config = deepspeed_config(job.deepspeed, micro_batch=train.batch_size, world_size=world.world_size,
                                       clip_grad_norm=optim.clip_grad_norm)
+            engine_modules = {"backbone": backbone, "distiller": distiller}
+            if cluster is not None:
+                engine_modules["cluster"] = cluster
             optimiser = DeepSpeedOptimiser(
-                nn.ModuleDict({"backbone": backbone, "distiller": distiller}), head,
+                nn.ModuleDict(engine_modules), head,
                 build_sgd=lambda parameters: build_optimizer(optim, parameters, device), config=config, world=world,
                 clip_grad_norm=optim.clip_grad_norm)
         else:
-            parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters()]
+            parameters = [*backbone.parameters(), *head.parameters(), *distiller.parameters(),
+                          *(cluster.parameters() if cluster is not None else ())]
             optimiser = LocalOptimiser(build_optimizer(optim, parameters, device), parameters,
                                        clip_grad_norm=optim.clip_grad_norm, fp16=autocast_dtype == torch.float16,
                                        device=device)
         run = _Run(world, autocast, step, loader, unlabeled, backbone, head, teacher_backbone, distiller, optimiser,
-                   teacher_normalize=teacher_normalize, steps_per_epoch=loader.batches_per_epoch)
+                   teacher_normalize=teacher_normalize, steps_per_epoch=loader.batches_per_epoch, cluster=cluster)
 
         # every rank drew the same initial weights; from here each draws its own random numbers (dropout)
         if world.distributed:
@@ -324,6 +339,12 @@ class Trainer:
             )
         run.backbone.load_state_dict(state["backbone"])
         run.distiller.load_state_dict(state["distiller"])
+        if run.cluster is not None:
+            from facekd.deepcluster import EpochAssignments
+
+            run.cluster.load_state_dict(state["cluster"]["head"])
+            stored = state["cluster"]["assignments"]
+            run.assignments = None if stored is None else EpochAssignments.from_state(stored)
         head = run.head
         head.load_rows(head_rows(folder, state, head.class_offset, head.class_offset + head.num_local))
         written_by = state.get("world_size", 1) if "classifier" in state else None  # None: one process's
@@ -347,6 +368,9 @@ class Trainer:
         job, world = self.job, run.world
         common = {"format": CHECKPOINT_FORMAT, "job": job_to_dict(job), "num_classes": run.loader.num_classes,
                   "step": run.step, "backbone": run.backbone.state_dict(), "distiller": run.distiller.state_dict()}
+        if run.cluster is not None:
+            common["cluster"] = {"head": run.cluster.state_dict(), "assignments":
+                                 None if run.assignments is None else run.assignments.state_dict()}
         if not world.distributed:
             state = {**common, "head": run.head.state_dict(), **run.optimiser.state_dict(),
                      "torch_rng": torch.get_rng_state()}
@@ -388,34 +412,44 @@ class Trainer:
         batches = iter(run.loader)
         try:
             while run.step < last_step:
+                if job.cluster.method == "kmeans":
+                    self._deepcluster(run)
                 batch = next(batches)
-                label_loss, distill_loss = self._step(run, batch)
+                label_loss, distill_loss, cluster_term = self._step(run, batch)
                 run.step += 1
-                window.add(label_loss, distill_loss, batch.num_corrupt + batch.num_unlabelled)
+                window.add(label_loss, distill_loss, cluster_term, batch.num_corrupt + batch.num_unlabelled)
                 metrics, written = None, None
 
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
                     steps = f"steps {run.step - window.steps + 1}-{run.step}" if window.steps > 1 else f"step {run.step}"
-                    label_mean, distill_mean, images_per_second = window.read(train.batch_size, world)
-                    final_loss = label_mean + distill_mean
+                    label_mean, distill_mean, cluster_mean, images_per_second = window.read(train.batch_size, world)
+                    final_loss = label_mean + distill_mean + job.cluster.weight * cluster_mean
                     if not math.isfinite(final_loss):
                         self._diverged(f"the loss became {final_loss} in {steps}")
                     if writer is not None:
                         for tag, value in (("loss/label", label_mean), ("loss/distill", distill_mean),
                                            ("lr", run.lr), ("images_per_second", images_per_second)):
                             writer.add_scalar(tag, value, run.step)
+                        if run.cluster is not None:
+                            writer.add_scalar("loss/cluster", cluster_mean, run.step)
                     postfix = {"loss": f"{label_mean:.3f}", "lr": f"{run.lr:.4f}", "img/s": f"{images_per_second:.0f}"}
                     if run.distiller.methods:
                         postfix["kd"] = f"{distill_mean:.3f}"
+                    if run.cluster is not None:
+                        postfix["cls"] = f"{cluster_mean:.3f}"
                     bar.set_postfix(postfix)
                     metrics = {"step": run.step, "loss_label": label_mean, "loss_distill": distill_mean,
                                "lr": run.lr, "images_per_second": images_per_second}
+                    if run.cluster is not None:
+                        metrics["loss_cluster"] = cluster_mean
+                        logger.info("%s step %d: loss %.4f, L_cls %.4f", job.name, run.step, label_mean, cluster_mean)
                 if run.step % train.checkpoint_every == 0 or run.step == last_step:
                     # never let a diverged state replace (and rotate away) the good checkpoints
                     if not window.all_finite(world):
                         self._diverged(f"the loss became non-finite before step {run.step}")
-                    if not _agree(world, _all_finite([tensor for module in (run.backbone, run.head, run.distiller)
+                    modules = (run.backbone, run.head, run.distiller, *([run.cluster] if run.cluster is not None else []))
+                    if not _agree(world, _all_finite([tensor for module in modules
                                                       for tensor in module.state_dict().values()
                                                       if tensor.is_floating_point()])):
                         self._diverged(f"the weights or normalisation statistics became non-finite by step {run.step}")
@@ -443,8 +477,9 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint),
         }
 
-    def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step on ``batch``; returns (label loss, distillation loss), on the device."""
+    def _step(self, run: _Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimiser step on ``batch``; returns (label loss, distillation loss, clustering loss L_cls before
+        its weight λ), on the device."""
         # batches arrive as uint8 pixels (a quarter of the copy) and are normalised on the device, bit for bit
         # as the loader would have (see facekd.data.loader.to_float), for each network as it was trained
         pixels = batch.images.to(run.device, non_blocking=True)
@@ -475,10 +510,44 @@ class Trainer:
             if run.unlabeled is not None:
                 distill_loss = distill_loss + self._unlabeled_loss(run, images, teacher_outputs, next(run.unlabeled))
 
+        # CondFace's clustering loss on the routing vector (thesis Eq. 5.5-5.6): L = L_fr + λ·L_cls
+        total = label_loss + distill_loss
+        cluster_term = torch.zeros((), device=run.device)
+        if run.cluster is not None:
+            cluster_term = self._cluster_loss(run, batch)
+            total = total + self.job.cluster.weight * cluster_term
+
         # backward, clip, step
         run.lr = self.job.optim.lr * lr_factor(run.step, self.job, self.schedule)
-        run.optimiser.step(label_loss + distill_loss, run.lr)
-        return label_loss.detach(), distill_loss.detach()
+        run.optimiser.step(total, run.lr)
+        return label_loss.detach(), distill_loss.detach(), cluster_term.detach()
+
+    def _cluster_loss(self, run: _Run, batch: Any) -> torch.Tensor:
+        """L_cls of this step's routing vectors: against Sinkhorn codes of the batch (all ranks' marginals), or
+        against the images' k-means clusters of this epoch."""
+        config = self.job.cluster
+        scores = run.cluster(run.backbone.routing_vector())
+        if config.method == "sinkhorn":
+            targets = sinkhorn(scores, epsilon=config.epsilon, iterations=config.iterations,
+                               all_reduce=run.world.reducer)
+        else:
+            targets = run.assignments.labels_of(batch.keys, run.device)
+        return cluster_loss(scores, targets, config.temperature)
+
+    def _deepcluster(self, run: _Run) -> None:
+        """DeepCluster before each epoch (see :mod:`facekd.deepcluster`); a resumed run keeps its stored one."""
+        from facekd.deepcluster import deepcluster_epoch
+
+        epoch = run.step // run.steps_per_epoch
+        if run.assignments is not None and run.assignments.epoch == epoch:
+            return
+        config, job = self.job.cluster, self.job
+        run.assignments, inertia = deepcluster_epoch(
+            epoch, run.backbone, run.cluster, job.data.manifest, world=run.world, image_size=job.data.image_size,
+            normalize=job.model.normalize, batch_size=config.kmeans_batch_size, iterations=config.kmeans_iterations,
+            init=config.kmeans_init, seed=job.train.seed, base_url=job.data.base_url,
+            progress=self.progress and run.world.is_main)
+        logger.info("%s: k-means of the routing vectors before epoch %d, inertia %.4f", job.name, epoch, inertia)
 
     def _resume_state(self) -> tuple[dict[str, Any] | None, Path | None]:
         """The checkpoint to continue from and its folder, or (None, None) for a fresh run (refusing to

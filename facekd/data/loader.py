@@ -88,6 +88,8 @@ class Batch(NamedTuple):
     num_corrupt: samples of this batch whose image was missing or did not decode (slots refilled).
     num_unlabelled: samples of this batch without a ``.cls`` entry (slots refilled).
     index: the batch's global index (counted over epochs) on this rank.
+    keys: each slot's webdataset ``__key__`` (a refilled slot: the key of the sample it repeats), so that a
+        per-image value kept elsewhere (CondFace's k-means pseudo-labels) can be looked up.
     """
 
     images: torch.Tensor
@@ -95,6 +97,7 @@ class Batch(NamedTuple):
     num_corrupt: int
     num_unlabelled: int
     index: int
+    keys: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +593,8 @@ class ShardStream(IterableDataset):
                 source = order[position] = next(refill)
                 out[position] = np.flip(out[source], width_axis) if flips[position] != flips[source] else out[source]
         label_tensor = torch.tensor([labels[position] for position in order], dtype=torch.int64)
-        return Batch(images, label_tensor, num_corrupt, num_unlabelled, index)
+        keys = tuple(str(samples[position].get("__key__")) for position in order)
+        return Batch(images, label_tensor, num_corrupt, num_unlabelled, index, keys)
 
     def _label(self, sample: dict[str, Any]) -> int | None:
         """The sample's class id, None when it has none; an id that is not a plain decimal in the manifest's range
