@@ -721,11 +721,14 @@ def synthesize(
     _check_count("seed", seed, 0)
     if num_pairs % 2:
         raise ConfigError(f"num_pairs must be even (half same, half different pairs), got {num_pairs}")
-    renderer = FaceRenderer(image_size)
+    from facekd.data.synth_attributes import AttributeRenderer, write_attributes
+
+    renderer = AttributeRenderer(image_size)  # the FaceRenderer's pixels, and each image's attributes noted
     out = Path(out_dir)
     pair_sets = {"val": False, "val_hard": True}
     outputs = [out / "rec" / name for name in ("train.rec", "train.idx", "property")]
-    outputs += [out / "images", out / "synth.json"] + [out / f"{name}.bin" for name in pair_sets]
+    outputs += [out / "images", out / "synth.json", out / "attributes.csv"]
+    outputs += [out / f"{name}.bin" for name in pair_sets]
     existing = [path for path in outputs if path.exists()]
     if existing and not overwrite:
         raise DataError(f"{out} already holds generated data ({', '.join(map(str, existing))}); use overwrite")
@@ -785,4 +788,8 @@ def synthesize(
                 "mean_cosine_different": round(float(scores[~issame].mean()), 4),
             }
     (out / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # per-image attribute labels (pose, light, occluders, identity traits) for the routing analysis
+    write_attributes(out / "attributes.csv", renderer.records, seed=seed, num_identities=num_identities,
+                     images_per_identity=images_per_identity, num_val_identities=num_val_identities,
+                     num_pairs=num_pairs, pair_sets=pair_sets)
     return summary
