@@ -2,7 +2,9 @@
 
 synthetic identities (RecordIO + image folder + .bin pairs) → WebDataset shards → an IResNet-50 teacher
 trained with a margin head → MobileFaceNet students trained without distillation, with Hinton KD and with
-GKD from that teacher → 10-fold verification of all four on held-out identities → a table and a ROC plot.
+GKD from that teacher → 10-fold verification of all four on held-out identities (the evaluation suite of
+``facekd eval --bins``: one table, networks as rows, sets as columns) → ROC plots and ``report.html``
+(:mod:`facekd.report`: job specs, training curves, evaluation, side by side).
 
 The job specs are written to ``<out>/jobs/`` as YAML, so every stage can be rerun by hand with
 ``facekd train``. Re-running the demo reuses finished stages (data, shards, trained networks);
@@ -23,7 +25,8 @@ import yaml
 from facekd.config import job_from_dict
 from facekd.data.convert import convert_to_shards
 from facekd.data.synth import synthesize
-from facekd.eval import evaluate_checkpoints, format_table
+from facekd.evaluation.suite import evaluate_suite, format_suite_table
+from facekd.report import build_report
 from facekd.train import Trainer
 
 __all__ = ["DEMO_SYNTH", "demo_jobs", "run_demo"]
@@ -104,9 +107,12 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", fresh: bool 
         summary = Trainer(job, resume=True).fit()
         training.append(summary)
 
-    # verification of every network on held-out identities
+    # verification of every network on held-out identities, one table across the networks
     runs = [out / "runs" / stage for stage in demo_jobs(out)]
-    rows = evaluate_checkpoints(runs, [data / "val.bin", data / "val_hard.bin"], out_dir=out / "eval", device=device)
+    rows = evaluate_suite(runs, [data / "val.bin", data / "val_hard.bin"], out_dir=out / "eval", device=device)
+
+    # one page with every run's spec, curves and evaluation, side by side
+    report = build_report(runs, out=out / "report.html", eval_dirs=[out / "eval"], title="facekd demo")
     seconds = time.perf_counter() - start
 
     print("\nTraining (synthetic identities; images/s of this run's steps):")
@@ -114,10 +120,11 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", fresh: bool 
         speed = f"{summary['images_per_second']:.0f} img/s" if summary["steps_run"] else "reused"
         print(f"  {summary['name']:<24} {summary['step']:>4} steps  {speed}")
     print("\nVerification, 10-fold (synthetic identities, not face-recognition results):")
-    print(format_table(rows))
+    print(format_suite_table(rows))
     raw = json.loads((data / "synth.json").read_text())["raw_pixel_baseline"]
     print("raw-pixel cosine baseline: " + ", ".join(
         f"{name} {100 * value['best_threshold_accuracy']:.2f}%" for name, value in raw.items()))
-    print(f"ROC plot: {out / 'eval' / 'roc.png'}   results: {out / 'eval' / 'results.json'}")
+    print(f"ROC plots: {out / 'eval' / 'roc_val.png'}, roc_val_hard.png   results: {out / 'eval' / 'results.json'}")
+    print(f"report: {report}")
     print(f"demo wall time: {seconds:.0f} s")
     return rows

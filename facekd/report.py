@@ -154,7 +154,7 @@ def build_report(
             f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by facekd report from '
             f"{len(records)} run folder(s).</p>", _contents(records, eval_dirs, bench)]
     if len(records) > 1:
-        body.append(_comparison(records))
+        body.append(_comparison(records, [Path(folder) for folder in eval_dirs]))
     for index, record in enumerate(records):
         body.append(_run_section(record, index))
     if eval_dirs:
@@ -186,12 +186,14 @@ def _contents(records: Sequence[RunRecord], eval_dirs: Sequence[str | Path], ben
     return "<nav><ul>\n" + "\n".join(items) + "\n</ul></nav>"
 
 
-def _comparison(records: Sequence[RunRecord]) -> str:
+def _comparison(records: Sequence[RunRecord], eval_dirs: Sequence[Path]) -> str:
     """Teacher and students side by side: what each is, its last losses, and its verification accuracy per set."""
     accuracy: dict[tuple[int, str], str] = {}
     datasets: list[str] = []
+    shared = [row for folder in eval_dirs for row in _verification_rows(folder)]
     for index, record in enumerate(records):
-        for row in _verification_rows(record.eval_dir) if record.eval_dir else []:
+        own = _verification_rows(record.eval_dir) if record.eval_dir else []
+        for row in own + [row for row in shared if _scores(row, record, records)]:
             dataset = str(row.get("dataset", "?"))
             datasets += [dataset] if dataset not in datasets else []
             accuracy[index, dataset] = f"{100 * row['accuracy']:.2f} ± {100 * row['std']:.2f}"
@@ -212,13 +214,22 @@ def _comparison(records: Sequence[RunRecord]) -> str:
                      _text(steps[-1] if steps else "n/a"), _last(record, "loss/label"), _last(record, "loss/distill")]
                     + [_text(accuracy.get((index, dataset), "n/a")) for dataset in datasets])
     parts = ['<h2 id="comparison">Comparison</h2>',
-             '<p class="note">Accuracy: 10-fold verification of each run\'s own end-of-run evaluation (eval/), mean '
-             "± std over folds. Losses: the last logged window.</p>", _html_table(header, rows, escape=False)]
+             '<p class="note">Accuracy: 10-fold verification from each run\'s own end-of-run evaluation (eval/) or '
+             "from the evaluation folders given, mean ± std over folds. Losses: the last logged window.</p>", _html_table(header, rows, escape=False)]
     tags = [tag for tag in _ordered_tags(set().union(*(record.scalars for record in records))) if tag != "lr"]
     if tags:
         parts.append(_image(_plot_curves([(record.name, record.scalars) for record in records], tags),
                             "training curves of every run"))
     return "\n".join(parts)
+
+
+def _scores(row: Mapping[str, Any], record: RunRecord, records: Sequence[RunRecord]) -> bool:
+    """Whether an evaluation row scored ``record``: its checkpoint lies in the run folder, or (rows of ``facekd eval
+    --bin``, which name no checkpoint) its model is the run's job name and no other run has that name."""
+    if "checkpoint" in row:
+        checkpoint, folder = Path(str(row["checkpoint"])).resolve(), record.folder.resolve()
+        return checkpoint == folder or folder in checkpoint.parents
+    return row["model"] == record.name and sum(other.name == record.name for other in records) == 1
 
 
 def _run_section(record: RunRecord, index: int) -> str:

@@ -1,5 +1,6 @@
 """README's first command: the whole demo on synthetic identities, as a newcomer runs it (about 8 minutes)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ def test_demo_trains_teacher_and_students_and_reports_verification(tmp_path):
         assert f"| {name}" in result.stdout
     assert "demo wall time" in result.stdout
     out = tmp_path / "demo"
-    assert (out / "eval" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("val", "val_hard"):
+        assert (out / "eval" / f"roc_{name}.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((out / "eval" / "results.json").read_text())
     raw = json.loads((out / "data" / "synth.json").read_text())["raw_pixel_baseline"]
     assert len(rows) == 8
@@ -27,6 +29,11 @@ def test_demo_trains_teacher_and_students_and_reports_verification(tmp_path):
         assert row["accuracy"] > raw[row["dataset"]]["best_threshold_accuracy"] + margin, row
     teacher = [row for row in rows if row["model"] == "teacher_iresnet50" and row["dataset"] == "val"][0]
     assert teacher["accuracy"] > raw["val"]["best_threshold_accuracy"] + 0.1
+    # the table is the evaluation suite's (networks as rows, sets as columns), and the report holds all four runs
+    assert re.search(r"^\| network +\| val +\| val_hard +\|$", result.stdout, re.M)
+    assert re.search(rf"^\| teacher_iresnet50 +\| {100 * teacher['accuracy']:.2f} +\| ", result.stdout, re.M)
+    report = (out / "report.html").read_text()
+    assert report.count('<h2 id="run-') == 4 and '<h2 id="comparison">Comparison</h2>' in report
     # the job specs the demo ran are left for the user, and load
     from facekd.config import load_job
 

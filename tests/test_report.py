@@ -87,7 +87,11 @@ def test_report_is_self_contained(runs, tmp_path) -> None:
     bench.mkdir(parents=True)
     shutil.copy(Path(__file__).parents[1] / "results" / "cpu-x86-64" / "partial_fc.md", bench)
     shutil.copy(Path(__file__).parents[1] / "results" / "cpu-x86-64" / "partial_fc.png", bench)
-    page = build_report(runs, out=tmp_path / "report.html", bench=tmp_path / "results").read_text()
+    result = subprocess.run([sys.executable, "-m", "facekd", "report", *map(str, runs), "--bench",
+                             str(tmp_path / "results"), "--out", str(tmp_path / "report.html")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == f"report written to {tmp_path / 'report.html'}\n", result.stderr
+    page = (tmp_path / "report.html").read_text()
     references = re.findall(r"""(?:src|href|action|poster|data)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
     assert references and all(ref.startswith(("data:image/png;base64,", "#")) for ref in references), [
         ref[:60] for ref in references if not ref.startswith(("data:", "#"))]
@@ -99,7 +103,7 @@ def test_report_is_self_contained(runs, tmp_path) -> None:
     assert "<h2 id=\"benchmarks\">" in page and "<th>samples/s (global)</th>" in page
 
 
-def test_comparison_puts_teacher_and_student_side_by_side(runs, tmp_path) -> None:
+def test_comparison_puts_teacher_and_student_side_by_side(runs, tiny_data, tmp_path) -> None:
     teacher, student = runs
     page = build_report([teacher, student], out=tmp_path / "report.html").read_text()
     table = re.search(r'<h2 id="comparison">.*?<table>(.*?)</table>', page, re.S).group(1)
@@ -115,6 +119,17 @@ def test_comparison_puts_teacher_and_student_side_by_side(runs, tmp_path) -> Non
     assert body[1][8] == f"{read_scalars(student / 'tensorboard')['loss/distill'][1][-1]:.4f}"
     # the student lacks an evaluation: said in its own section
     assert f"evaluation: no results.json or evaluation tables under {student / 'eval'}" in page
+
+    # a facekd eval --bins folder fills the student's column and shows its own table and ROC
+    from facekd.evaluation.suite import evaluate_suite
+
+    suite_rows = evaluate_suite([teacher, student], [tiny_data / "data" / "val.bin"], out_dir=tmp_path / "suite",
+                                device="cpu", progress=False)
+    page = build_report([teacher, student], out=tmp_path / "report.html", eval_dirs=[tmp_path / "suite"]).read_text()
+    table = re.search(r'<h2 id="comparison">.*?<table>(.*?)</table>', page, re.S).group(1)
+    last = [re.findall(r"<td>(.*?)</td>", row)[-1] for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert last == [f"{100 * row['accuracy']:.2f} ± {100 * row['std']:.2f}" for row in suite_rows]
+    assert "<h4>table.md</h4>" in page and (tmp_path / "suite" / "roc_val.png").read_bytes() in _images(page)
 
 
 def test_missing_parts_are_named_and_bad_paths_refused(runs, tmp_path) -> None:
