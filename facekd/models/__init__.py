@@ -22,9 +22,13 @@ BACKBONES: tuple[str, ...] = (
     *ROUTED_BACKBONES,
 )
 
+FANFACE_BACKBONES: tuple[str, ...] = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")
+"""The backbones ``model.fan`` integrates a frozen FAN into (FAN-Face, thesis ch. 3; see :mod:`facekd.models.fanface`)."""
+
 __all__ = [
     "BACKBONES",
     "Bottleneck",
+    "FANFACE_BACKBONES",
     "IBasicBlock",
     "IResNet",
     "MobileFaceNet",

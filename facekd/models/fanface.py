@@ -128,7 +128,8 @@ class IntegrationLayer(nn.Module):
                 _conv1x1(c, c), nn.BatchNorm2d(c),
             )
         self.prelu = nn.PReLU(c)
-        self.gamma: nn.Parameter | None = nn.Parameter(torch.ones(())) if learn_gamma else None
+        # shape [1], not a 0-d scalar: DeepSpeed's flattened parameter buffers cannot view a 0-d tensor
+        self.gamma: nn.Parameter | None = nn.Parameter(torch.ones(1)) if learn_gamma else None
         init_conv_bn(self)
 
     def integrate(self, x: Tensor, y: Tensor) -> Tensor:
