@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from facekd.errors import ConfigError
+from facekd.errors import ConfigError, DataError
 
 __all__ = ["RunRecord", "build_report", "markdown_to_html", "read_run", "read_scalars"]
 
@@ -99,7 +99,7 @@ def read_run(folder: str | Path) -> RunRecord:
     missing = []
     job = None
     if (folder / "job.json").is_file():
-        job = json.loads((folder / "job.json").read_text())
+        job = _read_json(folder / "job.json")
     else:
         missing.append(f"job spec: no job.json in {folder}")
     scalars: dict[str, tuple[list[int], list[float]]] = {}
@@ -156,7 +156,9 @@ def build_report(
     if len(records) > 1:
         body.append(_comparison(records, [Path(folder) for folder in eval_dirs]))
     for index, record in enumerate(records):
-        body.append(_run_section(record, index))
+        elsewhere = [Path(folder) for folder in eval_dirs
+                     if any(_scores(row, record, records) for row in _verification_rows(Path(folder)))]
+        body.append(_run_section(record, index, elsewhere))
     if eval_dirs:
         body.append('<h2 id="evaluation">Evaluation</h2>')
         for folder in map(Path, eval_dirs):
@@ -232,9 +234,14 @@ def _scores(row: Mapping[str, Any], record: RunRecord, records: Sequence[RunReco
     return row["model"] == record.name and sum(other.name == record.name for other in records) == 1
 
 
-def _run_section(record: RunRecord, index: int) -> str:
+def _run_section(record: RunRecord, index: int, evaluated_in: Sequence[Path]) -> str:
+    """A run's spec, curves, checkpoints and own evaluation; ``evaluated_in``: the --eval folders that scored it."""
     parts = [f'<h2 id="run-{index}">{_text(record.name)}</h2>', f'<p class="note">{_text(record.folder)}</p>']
-    parts += [f'<p class="missing">{_text(line)}</p>' for line in record.missing]
+    missing = [line for line in record.missing if not (evaluated_in and line.startswith("evaluation:"))]
+    parts += [f'<p class="missing">{_text(line)}</p>' for line in missing]
+    if evaluated_in:
+        parts.append(f'<p>Evaluated in {_text(", ".join(map(str, evaluated_in)))} '
+                     '(see <a href="#evaluation">Evaluation</a>).</p>')
     if record.job is not None:
         parts += ["<h3>Job spec</h3>", f"<pre>{_text(yaml.safe_dump(record.job, sort_keys=False))}</pre>"]
     if record.scalars:
@@ -280,7 +287,7 @@ def _verification_rows(folder: Path) -> list[dict[str, Any]]:
     path = folder / "results.json"
     if not path.is_file():
         return []
-    rows = json.loads(path.read_text())
+    rows = _read_json(path)
     if not isinstance(rows, list):
         return []
     keep = []
@@ -309,7 +316,7 @@ def _bench_section(root: Path) -> str:
             if markdown.is_file():
                 parts.append(markdown_to_html(markdown.read_text(), heading_level=5))
             elif data.is_file():
-                parts.append(_json_rows_table(json.loads(data.read_text())))
+                parts.append(_json_rows_table(_read_json(data)))
             if chart.is_file():
                 parts.append(_image(chart.read_bytes(), f"{bench} on {device.name}"))
     if not found:
@@ -419,6 +426,13 @@ def _ordered_tags(tags: Iterable[str]) -> list[str]:
 def _last(record: RunRecord, tag: str) -> str:
     values = record.scalars.get(tag, ([], []))[1]
     return f"{values[-1]:.4f}" if values else "n/a"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
 
 
 def _number(value: Any) -> float:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from facekd.config import job_from_dict
-from facekd.errors import ConfigError
+from facekd.errors import ConfigError, DataError
 from facekd.report import build_report, markdown_to_html, read_run, read_scalars
 
 CHROMIUM = "/usr/bin/chromium"
@@ -130,6 +130,7 @@ def test_comparison_puts_teacher_and_student_side_by_side(runs, tiny_data, tmp_p
     last = [re.findall(r"<td>(.*?)</td>", row)[-1] for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
     assert last == [f"{100 * row['accuracy']:.2f} ± {100 * row['std']:.2f}" for row in suite_rows]
     assert "<h4>table.md</h4>" in page and (tmp_path / "suite" / "roc_val.png").read_bytes() in _images(page)
+    assert "no results.json" not in page and page.count(f"Evaluated in {tmp_path / 'suite'} (see") == 2
 
 
 def test_missing_parts_are_named_and_bad_paths_refused(runs, tmp_path) -> None:
@@ -141,6 +142,9 @@ def test_missing_parts_are_named_and_bad_paths_refused(runs, tmp_path) -> None:
     assert [line.split(":")[0] for line in record.missing] == ["job spec", "training curves", "evaluation"]
     page = build_report([bare], out=tmp_path / "report.html").read_text()
     assert page.count('class="missing"') == 3 and f"no job.json in {bare}" in page
+    (bare / "job.json").write_text('{"name": "cut sho')
+    with pytest.raises(DataError, match=re.escape(f"{bare / 'job.json'}: not valid JSON (Unterminated string")):
+        build_report([bare], out=tmp_path / "report.html")
 
     (tmp_path / "empty").mkdir()
     for path, reason in ((tmp_path / "empty", "no job.json, checkpoints/ or tensorboard/ in it"),
