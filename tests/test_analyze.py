@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from facekd.analyze import purity, random_assignment, score_clusters
@@ -68,13 +70,17 @@ def test_random_assignment_keeps_cluster_sizes_and_scores_near_chance():
 
 @pytest.mark.slow
 def test_analyze_routing_end_to_end(tiny_job, tiny_data, tmp_path, capsys):
-    """A routed network trained a few steps with the Sinkhorn clustering loss; the report, its scores for every
-    attribute and the PNGs; the run's prototypes as clusters; a static network refused in one line."""
+    """The shipped AS4 job spec (Sinkhorn clustering loss), shrunk to a few steps on the synthetic shards; the
+    report, its scores for every attribute and the PNGs; the run's prototypes as clusters; a static network
+    refused in one line."""
     from facekd.config import job_from_dict
     from facekd.train import Trainer
 
-    spec = tiny_job("routed", model={"backbone": "dc_iresnet18"}, train={"steps": 3, "checkpoint_every": 3},
-                    cluster={"method": "sinkhorn", "prototypes": 4, "head": "identity"})
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "condface_dgconv_iresnet18_sinkhorn.yaml").read_text())
+    tiny = tiny_job("routed", train={"steps": 3, "checkpoint_every": 3})
+    spec = {**shipped, **{section: tiny[section] for section in ("name", "data", "head", "optim", "train")},
+            "model": {**shipped["model"], "width": 0.125, "embedding_dim": 16, "init_from": None},
+            "cluster": {**shipped["cluster"], "prototypes": 4, "hidden_dim": 32, "head_dim": 8}, "eval": {}}
     run = tmp_path / "routed"
     Trainer(job_from_dict(spec), progress=False).fit()
     out = tmp_path / "analysis"
@@ -82,7 +88,7 @@ def test_analyze_routing_end_to_end(tiny_job, tiny_data, tmp_path, capsys):
             str(tiny_data / "data" / "attributes.csv"), "--clusters", "6", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "routing.json").read_text())
-    assert report["images"] == 48 and report["clusters"] == 6 and report["routing_dim"] == 6 * 4
+    assert report["images"] == 48 and report["clusters"] == 6 and report["routing_dim"] == 6 * 16
     for name in ("yaw", "light", "occluded", "skin", "identity", "nuisances"):
         row = report["scores"][name]
         assert 0 < row["purity"] <= 1 and 0 < row["random_purity"] <= 1 and -1 <= row["ami"] <= 1
