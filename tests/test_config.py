@@ -26,8 +26,8 @@ def test_shipped_job_specs_load(path):
     job = load_job(path)
     released_code = {"official": "train_gkd", "adaptive": "gkd_adaptive"}
     code = next((name for tag, name in released_code.items() if tag in path.stem), None)
-    # the GKD paper's ArcFace, or the CosFace of its authors' code
-    cosface = code is not None or "cosface" in path.stem
+    # the GKD paper's ArcFace, or the CosFace of its authors' code, or CondFace's (thesis Eq. 5.4)
+    cosface = code is not None or "cosface" in path.stem or path.stem.startswith("condface")
     assert (job.head.s, job.head.m2, job.head.m3) == ((64.0, 0.0, 0.4) if cosface else (64.0, 0.5, 0.0))
     if "gkd" in job.distill.methods:
         gkd = job.distill.gkd
