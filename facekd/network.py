@@ -22,8 +22,8 @@ from facekd.errors import CheckpointError, ConfigError
 from facekd.heads import MarginHead
 from facekd.models import StagedBackbone, build_backbone
 
-__all__ = ["CHECKPOINT_FORMAT", "Network", "autocast_for", "build_network", "checkpoint_folder", "head_rows", "load_network",
-           "resolve_device", "resolve_precision"]
+__all__ = ["CHECKPOINT_FORMAT", "Network", "autocast_for", "backbone_for", "build_network", "checkpoint_folder",
+           "head_rows", "load_network", "resolve_device", "resolve_precision"]
 
 CHECKPOINT_FORMAT = 1
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,11 +68,34 @@ def build_network(
     seed: int = 0,
 ) -> tuple[StagedBackbone, MarginHead]:
     """A freshly initialised backbone and head (this rank's class shard of it under a distributed ``world``)."""
-    backbone = build_backbone(
-        model.backbone, embedding_dim=model.embedding_dim, width=model.width, image_size=image_size,
-        dropout=model.dropout,
-    )
-    return backbone, MarginHead(num_classes, model.embedding_dim, head, world=world, seed=seed)
+    return backbone_for(model, image_size), MarginHead(num_classes, model.embedding_dim, head, world=world, seed=seed)
+
+
+def backbone_for(model: ModelConfig, image_size: int, *, stored: dict[str, torch.Tensor] | None = None
+                 ) -> StagedBackbone:
+    """The backbone ``model`` describes. A FAN-Face network's frozen FAN is read from ``model.fan.weights``; given
+    the ``stored`` backbone state dict of a checkpoint, it is built in the shape of the FAN stored there instead
+    (its weights come with that state dict: the file need not exist any more)."""
+    if model.fan is None:
+        return build_backbone(model.backbone, embedding_dim=model.embedding_dim, width=model.width,
+                              image_size=image_size, dropout=model.dropout)
+    from facekd.models.fan import FAN, fan_config, load_fan
+    from facekd.models.fanface import FANFace
+
+    if stored is None:
+        fan = load_fan(model.fan.weights)
+    else:
+        fan = FAN(**fan_config({key.removeprefix("fan."): value for key, value in stored.items()
+                                if key.startswith("fan.")}))
+    config = model.fan
+    try:
+        return FANFace(int(model.backbone.removeprefix("iresnet")), fan=fan, heatmaps=config.heatmaps,
+                       features=config.features, source=config.source, layer=config.layer,
+                       heatmap_points=config.heatmap_points, stages=config.stages,
+                       input_size=config.input_size, normalize=model.normalize, embedding_dim=model.embedding_dim,
+                       width=model.width, image_size=image_size, dropout=model.dropout)
+    except ValueError as error:
+        raise ConfigError(f"model.fan ({config.weights}): {error}") from None
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -116,8 +139,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu", *, world:
         raise CheckpointError(f"{path}: not a facekd training checkpoint (format {state.get('format')!r})")
     job = job_from_dict(state["job"], source=f"job stored in {path}")
     model = job.model
-    backbone = build_backbone(model.backbone, embedding_dim=model.embedding_dim, width=model.width,
-                              image_size=job.data.image_size, dropout=model.dropout)
+    backbone = backbone_for(model, job.data.image_size, stored=state["backbone"])
     backbone.load_state_dict(state["backbone"])
     backbone.to(device).eval()
     if not with_head:

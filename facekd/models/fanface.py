@@ -74,6 +74,8 @@ FEATURE_MODES = ("none", "1-1", "1-many")
 FEATURE_SOURCES = ("h2l-1", "h2l-2", "l2h-1", "l2h-2")
 INTEGRATION_LAYERS = ("bl", "sl", "al")
 HEATMAP_STACK = 1  # H2: the second hourglass' heatmaps (thesis AS1; the first "gave slightly worse result")
+HEATMAP_POINTS = ("all", "inner")
+INNER_POINTS = slice(17, 68)  # iBUG-68 without the 17 jaw points 0-16: the thesis' "51 internal landmarks"
 
 
 def adain(x: Tensor, y: Tensor, eps: float = ADAIN_EPS) -> Tensor:
@@ -187,6 +189,9 @@ class FANFace(StagedBackbone):
         features: ``none``, ``1-1`` or ``1-many``.
         source: ``h2l-1``, ``h2l-2``, ``l2h-1`` or ``l2h-2``: path and hourglass of the integrated features.
         layer: ``bl``, ``sl`` or ``al``.
+        heatmap_points: ``all`` the FAN's heatmaps, or ``inner``: the 51 inner ones of a 68-point FAN (points 17-67,
+            thesis Sec. 3.2.1: "we used the 51 internal landmarks, ignoring the ones on the face boundary which are
+            noisy due to tight cropping").
         stages: FRN stages (0-3) whose features are integrated (``features`` not ``none``).
         input_size: the FAN's input side (256 in the thesis; a multiple of ``fan.input_multiple``).
         normalize: how the FRN's input was normalised (``model.normalize``), inverted to feed the FAN.
@@ -208,6 +213,7 @@ class FANFace(StagedBackbone):
         features: Literal["none", "1-1", "1-many"] = "1-1",
         source: Literal["h2l-1", "h2l-2", "l2h-1", "l2h-2"] = "h2l-2",
         layer: Literal["bl", "sl", "al"] = "bl",
+        heatmap_points: Literal["all", "inner"] = "all",
         stages: tuple[int, ...] | list[int] = (0, 1, 2),
         input_size: int = 256,
         normalize: str = "mxnet",
@@ -219,6 +225,7 @@ class FANFace(StagedBackbone):
     ) -> None:
         for name, value, choices in (("heatmaps", heatmaps, HEATMAP_MODES), ("features", features, FEATURE_MODES),
                                      ("source", source, FEATURE_SOURCES), ("layer", layer, INTEGRATION_LAYERS),
+                                     ("heatmap_points", heatmap_points, HEATMAP_POINTS),
                                      ("normalize", normalize, ("mxnet", "arcface_torch"))):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -239,7 +246,12 @@ class FANFace(StagedBackbone):
         if input_size < fan.input_multiple or input_size % fan.input_multiple:
             raise ValueError(f"input_size must be a multiple of {fan.input_multiple} for this FAN (depth {fan.depth}), "
                              f"got {input_size}")
-        extra = fan.landmarks if heatmaps == "h2plus" else 0
+        if heatmap_points == "inner" and fan.landmarks != 68:
+            raise ValueError(f"heatmap_points 'inner' keeps points 17-67 of the 68-point (iBUG) layout; this FAN has "
+                             f"{fan.landmarks} landmarks")
+        points = INNER_POINTS if heatmap_points == "inner" else slice(0, fan.landmarks)
+        num_heatmaps = points.stop - points.start
+        extra = num_heatmaps if heatmaps == "h2plus" else 0
 
         def unit(in_channels: int, out_channels: int, stride: int, stage_index: int) -> nn.Module:
             # H2+: the heatmaps enter every resolution drop, i.e. the strided first unit of each stage
@@ -249,13 +261,14 @@ class FANFace(StagedBackbone):
         frn = IResNet(depth, embedding_dim=embedding_dim, width=width, image_size=image_size, dropout=dropout,
                       zero_init_residual=zero_init_residual, unit=unit)
         if heatmaps != "none":
-            frn.stem[0] = conv3x3(3 + fan.landmarks, frn.feature_channels[0])
+            frn.stem[0] = conv3x3(3 + num_heatmaps, frn.feature_channels[0])
             init_conv_bn(frn.stem[0])
         super().__init__(stem=frn.stem, stages=list(frn.stages), head=frn.head, image_size=image_size,
                          embedding_dim=embedding_dim, feature_channels=frn.feature_channels,
                          feature_sizes=frn.feature_sizes, feature_strides=frn.feature_strides)
         self.depth, self.width = depth, width
         self.heatmaps, self.features, self.source, self.layer = heatmaps, features, source, layer
+        self.heatmap_points = points
         self.integrated_stages = stages if features != "none" else ()
         self.input_size, self.normalize = input_size, normalize
         self._path, self._stack, self._fan_stacks = path, stack_index, needed_stacks
@@ -284,7 +297,7 @@ class FANFace(StagedBackbone):
         pixels = fan_input(images, self.normalize, self.input_size)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda):
             out = self.fan(pixels.to(next(self.fan.parameters()).dtype), stacks=self._fan_stacks)
-        heatmaps = out.heatmaps[HEATMAP_STACK].float() if self.heatmaps != "none" else None
+        heatmaps = out.heatmaps[HEATMAP_STACK][:, self.heatmap_points].float() if self.heatmaps != "none" else None
         maps = (out.h2l if self._path == "h2l" else out.l2h)[self._stack] if self.features != "none" else []
         features = [_resize(maps[i], size) if i in self.integrated_stages else None
                     for i, size in enumerate(self.feature_sizes)]
