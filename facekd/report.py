@@ -217,7 +217,8 @@ def _comparison(records: Sequence[RunRecord], eval_dirs: Sequence[Path]) -> str:
                     + [_text(accuracy.get((index, dataset), "n/a")) for dataset in datasets])
     parts = ['<h2 id="comparison">Comparison</h2>',
              '<p class="note">Accuracy: 10-fold verification from each run\'s own end-of-run evaluation (eval/) or '
-             "from the evaluation folders given, mean ± std over folds. Losses: the last logged window.</p>", _html_table(header, rows, escape=False)]
+             "from the evaluation folders given, mean ± std over folds. Losses: the last logged window.</p>",
+             _html_table(header, rows, escape=False)]
     tags = [tag for tag in _ordered_tags(set().union(*(record.scalars for record in records))) if tag != "lr"]
     if tags:
         parts.append(_image(_plot_curves([(record.name, record.scalars) for record in records], tags),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -56,8 +57,6 @@ def test_report_of_a_run_holds_its_spec_curves_and_evaluation(runs, tmp_path) ->
     job = json.loads((teacher / "job.json").read_text())
     assert "teacher_&lt;b&gt;&amp;" in page and "teacher_<b>" not in page
     spec = re.search(r"<h3>Job spec</h3>\s*<pre>(.*?)</pre>", page, re.S).group(1)
-    import html
-
     assert yaml.safe_load(html.unescape(spec)) == job
 
     # curves: a PNG per run drawn from the TensorBoard events, which hold the 4 logged steps
@@ -92,7 +91,7 @@ def test_report_is_self_contained(runs, tmp_path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout == f"report written to {tmp_path / 'report.html'}\n", result.stderr
     page = (tmp_path / "report.html").read_text()
-    references = re.findall(r"""(?:src|href|action|poster|data)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
+    references = re.findall(r"""\s(?:src|href|action|poster|data|srcset)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
     assert references and all(ref.startswith(("data:image/png;base64,", "#")) for ref in references), [
         ref[:60] for ref in references if not ref.startswith(("data:", "#"))]
     for forbidden in ("<script", "<link", "<iframe", "@import", "url(", "http://", "https://"):
@@ -202,7 +201,7 @@ def test_chromium_renders_the_report(runs, tmp_path) -> None:
                     "<h3>Training curves</h3>", "<h4>Verification (results.json)</h4>"):
         assert heading in dom, heading
     assert dom.count("<table>") == report.read_text().count("<table>") >= 2
-    probe = json.loads(__import__("html").unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
     assert probe["failed"] == [] and probe["broken"] == [] and probe["fetched"] == [], probe
     assert probe["images"] == len(_images(report.read_text())) >= 3
     # no console message (the page has no script of its own) and no failed load in the browser's log
