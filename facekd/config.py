@@ -45,6 +45,49 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class FANFaceConfig:
+    """FAN-Face (thesis ch. 3): a frozen face alignment network (FAN) whose heatmaps and features are integrated into
+    an IResNet recognition network (see :mod:`facekd.models.fanface`). Defaults are the thesis' best variant,
+    FAN-Face(H2, 1-1, BL, h2l-2) (Sec. 3.5, Table 3.1)."""
+
+    weights: str
+    """The FAN: a run folder or checkpoint of facekd's landmark trainer, or face-alignment's released FAN state dict
+    (2DFAN4 ``.pth`` / ``.pth.tar``), read with :func:`facekd.models.fan.load_fan` when the network is first built.
+    Nothing is downloaded. Checkpoints of a FAN-Face network hold the FAN's weights, so evaluating one or
+    distilling from it never reads this file again."""
+    input_size: int = 256
+    """Side of the FAN's input: the FRN's faces up-sampled to it (thesis Sec. 3.4: 112 → 256); a multiple of
+    4·2^depth of the FAN (64 for the released one)."""
+    heatmaps: Literal["none", "h2", "h2plus"] = "h2"
+    """``h2``: the second hourglass' heatmaps stacked with the image (Sec. 3.2.2); ``h2plus``: also before each of the
+    FRN's four resolution drops (AS1); ``none``: no heatmaps."""
+    features: Literal["none", "1-1", "1-many"] = "1-1"
+    """Feature integration (Sec. 3.2.3): one integration layer at the end of each integrated stage (``1-1``), one
+    after every residual unit of it with a learnable γ_k each (``1-many``), or ``none``."""
+    source: Literal["h2l-1", "h2l-2", "l2h-1", "l2h-2"] = "h2l-2"
+    """Where the integrated features come from: the high-to-low (``h2l``) or low-to-high (``l2h``) path of hourglass
+    1 or 2 (AS2: h2l-2 is best)."""
+    layer: Literal["bl", "sl", "al"] = "bl"
+    """Integration layer (Sec. 3.2.4): basic (``bl``), simple (``sl``: added after AdaIN) or advanced (``al``: a
+    1×1-3×3-1×1 bottleneck instead of BL's second 1×1 conv)."""
+    heatmap_points: Literal["all", "inner"] = "all"
+    """Which heatmaps are stacked: ``all`` the FAN's, or ``inner``, the 51 inner points (17-67) of a 68-point FAN, as
+    the thesis does (Sec. 3.2.1: the jaw points "are noisy due to tight cropping")."""
+    stages: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """FRN stages (0-3) whose outputs receive FAN features: the thesis' "end of each stage before down-sampling",
+    stages 0-2 (Table 3.2's parameter counts fit only this; stage 3 adds 0.66M parameters for BL)."""
+
+    def __post_init__(self) -> None:
+        _check(self.input_size >= 64, "input_size", f"must be at least 64 (a multiple of the FAN's 4·2^depth), "
+                                                    f"got {self.input_size}")
+        _check(self.heatmaps != "none" or self.features != "none", "features",
+               "and heatmaps are both 'none': nothing of the FAN would reach the recognition network (drop model.fan "
+               "for a plain one)")
+        _check(bool(self.stages) and len(set(self.stages)) == len(self.stages) and all(0 <= s <= 3 for s in self.stages),
+               "stages", f"must be distinct stages in 0-3, got {self.stages}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     backbone: str
     """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet`` (Chen et al.)
@@ -65,11 +108,15 @@ class ModelConfig:
     init_from: str | None = None
     """Checkpoint or run folder whose backbone (and head, same classes) starts a fresh run: Wang & Lan's
     student initialisation (train S0 on labels, then distil into it)."""
+    fan: FANFaceConfig | None = None
+    """FAN-Face: a frozen FAN integrated into this IResNet (``iresnet18`` … ``iresnet200``); None: a plain backbone."""
 
     def __post_init__(self) -> None:
-        from facekd.models import BACKBONES
+        from facekd.models import BACKBONES, FANFACE_BACKBONES
 
         _check(self.backbone in BACKBONES, "backbone", f"must be one of {BACKBONES}, got {self.backbone!r}")
+        _check(self.fan is None or self.backbone in FANFACE_BACKBONES, "fan",
+               f"integrates a FAN into an IResNet ({', '.join(FANFACE_BACKBONES)}), not into {self.backbone}")
         _check(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
         _check(self.embedding_dim > 0, "embedding_dim", f"must be positive, got {self.embedding_dim}")
         _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
@@ -420,6 +467,56 @@ class RayConfig:
                f"must be >= 1, got {self.num_to_keep}")
 
 
+CLUSTER_METHODS = ("none", "sinkhorn", "kmeans")
+"""How CondFace's clustering loss finds pseudo-labels for the routing vectors (see :mod:`facekd.clustering`)."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """CondFace's clustering loss on the routing vector β of a routed backbone (thesis Sec. 5.2.2-5.2.3):
+    L = L_fr + weight·L_cls. Defaults are the thesis' (AS1:P=300 with its MLP) and SwAV's, with their sources."""
+
+    method: Literal["none", "sinkhorn", "kmeans"] = "none"
+    """``sinkhorn``: soft codes by Sinkhorn-Knopp on each batch (SwAV; thesis AS1-AS4); ``kmeans``: each image's
+    cluster from k-means over the whole training set before every epoch (DeepCluster; thesis AS5); ``none``: no
+    clustering loss."""
+    prototypes: int = 300
+    """P, the number of prototypes (clusters): thesis Sec. 5.4.4, "the cluster (prototype) number is set as 300"."""
+    temperature: float = 0.1
+    """T of the prediction softmax(scores / T) over the prototypes: SwAV's 0.1 (the thesis' Table 5.2 'T' is the
+    routing softmax's, see facekd.clustering)."""
+    epsilon: float = 0.05
+    """Sinkhorn's entropic regularisation ε: Q = exp(scores / ε) (SwAV)."""
+    iterations: int = 3
+    """Sinkhorn-Knopp iterations (SwAV)."""
+    head: Literal["identity", "linear", "mlp"] = "mlp"
+    """Projection head before the prototypes (thesis AS3): ``mlp`` is the thesis' default ("AS1:P=300 is trained
+    with MLP by default"); ``identity`` scored best in its Table 5.1."""
+    head_dim: int = 128
+    """Output width of the ``linear`` and ``mlp`` heads (SwAV's output_dim); ``identity`` keeps β's length."""
+    hidden_dim: int = 2048
+    """Hidden width of the ``mlp`` head (SwAV's hidden_mlp)."""
+    weight: float = 1.0
+    """λ of L = L_fr + λ·L_cls: thesis Sec. 5.4.3, "the weight λ is set as 1.0"."""
+    kmeans_iterations: int = 20
+    """Lloyd iterations of each epoch's k-means (DeepCluster's faiss setting, niter = 20)."""
+    kmeans_init: Literal["kmeans++", "random"] = "kmeans++"
+    """Seeding of each epoch's k-means (seeded by train.seed + epoch): k-means++ or distinct random points (faiss)."""
+    kmeans_batch_size: int = 256
+    """Images per forward pass of the feature extraction before each epoch's k-means."""
+
+    def __post_init__(self) -> None:
+        _check(self.prototypes >= 2, "prototypes", f"must be >= 2, got {self.prototypes}")
+        _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        _check(self.epsilon > 0, "epsilon", f"must be positive, got {self.epsilon}")
+        _check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        _check(self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
+        _check(self.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {self.hidden_dim}")
+        _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check(self.kmeans_iterations >= 1, "kmeans_iterations", f"must be >= 1, got {self.kmeans_iterations}")
+        _check(self.kmeans_batch_size >= 1, "kmeans_batch_size", f"must be >= 1, got {self.kmeans_batch_size}")
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     name: str
@@ -432,6 +529,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed's own configuration (``zero_optimization``, ``bf16``, ``communication_data_type``, ...), passed
     to ``deepspeed.initialize`` unchanged when the job runs on several ranks. Batch size, learning rate,
@@ -442,6 +540,91 @@ class JobConfig:
             _check(self.distill.teacher is not None and bool(self.distill.teacher_methods), "distill.methods",
                    "must name a distillation method with a teacher when data.unlabeled_manifest is set "
                    "(unlabeled images are learnt from the teacher's outputs)")
+        if self.cluster.method != "none":
+            from facekd.models import ROUTED_BACKBONES
+
+            _check(self.model.backbone in ROUTED_BACKBONES, "cluster.method",
+                   f"clusters routing vectors, which {self.model.backbone} has none of: use a routed backbone "
+                   f"({', '.join(ROUTED_BACKBONES)}) or cluster.method: none")
+
+
+LANDMARK_SECTIONS = ("name", "task", "landmarks", "train", "optim")
+"""The sections of a landmark job (``task: landmarks``); the others belong to recognition jobs."""
+
+
+@dataclass(kw_only=True)
+class LandmarksConfig:
+    """A FAN trained on landmark heatmaps (``task: landmarks``, see :mod:`facekd.landmarks`). The network is
+    face-alignment's FAN (Bulat & Tzimiropoulos 2017, :mod:`facekd.models.fan`); its defaults are the released one's."""
+
+    manifest: str
+    """The ``manifest.json`` of a landmark set (``facekd data synth-landmarks`` writes one; its ``val`` split holds
+    the unseen faces the NME is measured on)."""
+    points: Literal["five", "dense"] = "dense"
+    """Which landmarks the FAN regresses: the ``dense`` set (68 iBUG points) or the ``five`` ArcFace points."""
+    image_size: int = 256
+    """Side of the FAN's input (the released FAN: 256); stored images of another size are resized. A multiple of
+    4·2^depth (64 for depth 4)."""
+    stacks: int = 2
+    """Stacked hourglasses (FAN-Face uses 2, the thesis Sec. 3.2.1; the released 2DFAN4 has 4)."""
+    width: int = 256
+    """Channels of the hourglasses (the released FAN: 256); a multiple of 8."""
+    depth: int = 4
+    """Levels of each hourglass (the released FAN: 4)."""
+    sigma: float = 1.0
+    """Standard deviation of the target Gaussians, in heatmap pixels (face-alignment: 1 at 64 px heatmaps)."""
+    loss: Literal["l2", "awing"] = "l2"
+    """Heatmap loss of every stack, summed over stacks (intermediate supervision): the mean squared error, as FAN
+    trains, or the adaptive wing loss (Wang et al., ICCV 2019)."""
+    awing_alpha: float = 2.1
+    """α of the adaptive wing loss (Wang et al. 2019, Sec. 4.2)."""
+    awing_omega: float = 14.0
+    """ω of the adaptive wing loss (Wang et al. 2019)."""
+    awing_epsilon: float = 1.0
+    """ε of the adaptive wing loss (Wang et al. 2019)."""
+    awing_theta: float = 0.5
+    """θ, where the adaptive wing loss turns linear (Wang et al. 2019)."""
+    awing_loss_map: float = 0.0
+    """W of the adaptive wing loss' weighted loss map (Wang et al. 2019, Sec. 4.3: 10): pixels of the 3×3-dilated
+    target above 0.2 weigh W + 1, the others 1; 0 leaves every pixel weight 1."""
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    """RMSprop as FAN trains; ``optim.lr``, ``optim.weight_decay`` and the schedule apply to any of them, and
+    ``optim.momentum`` is RMSprop's momentum, Adam's β1 or SGD's momentum."""
+    augment: bool = True
+    """Random horizontal flips (points mirrored and renumbered), rotations within ±15°, scales within ±10% and
+    shifts within ±5% of the side, drawn per image from the run's seed and step."""
+    num_workers: int = 2
+    """DataLoader processes that decode the training images (0 decodes in the training process)."""
+
+    def __post_init__(self) -> None:
+        _check(self.stacks >= 1, "stacks", f"must be >= 1, got {self.stacks}")
+        _check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        _check(self.width >= 8 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
+        multiple = 4 * 2**self.depth
+        _check(self.image_size >= multiple and self.image_size % multiple == 0, "image_size",
+               f"must be a multiple of 4·2^depth = {multiple}, got {self.image_size}")
+        _check(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
+        _check(self.awing_alpha > 1, "awing_alpha", f"must be > 1 (α − y is the exponent, y in [0, 1]), "
+                                                    f"got {self.awing_alpha}")
+        for name in ("awing_omega", "awing_epsilon", "awing_theta"):
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _check(self.awing_loss_map >= 0, "awing_loss_map", f"must be >= 0, got {self.awing_loss_map}")
+        _check(self.awing_loss_map == 0 or self.loss == "awing", "awing_loss_map",
+               f"weights the adaptive wing loss: set loss: awing or awing_loss_map: 0 (loss is {self.loss!r})")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass(kw_only=True)
+class LandmarkJobConfig:
+    """A job that trains a FAN on landmarks (``task: landmarks``) instead of a recognition network; single process."""
+
+    name: str
+    """Name of the run, used in logs and result tables."""
+    task: Literal["landmarks"]
+    """``landmarks``; a job spec without ``task`` (or with ``task: recognition``) is a recognition job."""
+    landmarks: LandmarksConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 class _FieldError(ValueError):
@@ -535,9 +718,24 @@ def _build(cls: type, data: Any, source: str, prefix: str = "") -> Any:
         raise ConfigError(f"{source}: '{prefix}{error.key}' {error}") from None
 
 
-def job_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
-    """Validate a job spec given as nested dicts; ``source`` names it in errors."""
-    return _build(JobConfig, data, source)
+def job_from_dict(data: dict, source: str = "<dict>") -> JobConfig | LandmarkJobConfig:
+    """Validate a job spec given as nested dicts; ``source`` names it in errors. ``task: landmarks`` makes it a
+    :class:`LandmarkJobConfig`, no ``task`` (or ``task: recognition``) a :class:`JobConfig`."""
+    if not isinstance(data, dict):
+        return _build(JobConfig, data, source)  # refuses it, naming what came
+    task = data.get("task", "recognition")
+    if task == "landmarks":
+        other = sorted(set(data) - set(LANDMARK_SECTIONS))
+        if other:
+            raise ConfigError(f"{source}: '{other[0]}' is a section of recognition jobs; a landmark job (task: "
+                              f"landmarks) has {', '.join(LANDMARK_SECTIONS)}")
+        return _build(LandmarkJobConfig, data, source)
+    if task != "recognition":
+        raise ConfigError(f"{source}: 'task' must be recognition or landmarks, got {task!r}")
+    if "landmarks" in data:
+        raise ConfigError(f"{source}: 'landmarks' is the section of a landmark job: add task: landmarks (and drop the "
+                          f"recognition sections) or remove it")
+    return _build(JobConfig, {key: value for key, value in data.items() if key != "task"}, source)
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
@@ -560,7 +758,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
-def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig | LandmarkJobConfig:
     """Load and validate the YAML job spec at ``path``, with ``section.key=value`` overrides."""
     path = Path(path)
     try:
