@@ -53,6 +53,7 @@ img { max-width: 100%; border: 1px solid #e3e8ee; margin: .4em 0; }
 .missing { color: #8a5a00; background: #fff6e0; border-left: 4px solid #e0a800; padding: .3em .8em; }
 .note { color: #55606b; font-size: 90%; }
 nav ul { columns: 2; }
+.scroll { overflow-x: auto; }
 """
 
 
@@ -201,13 +202,19 @@ def _comparison(records: Sequence[RunRecord], eval_dirs: Sequence[Path]) -> str:
             accuracy[index, dataset] = f"{100 * row['accuracy']:.2f} ± {100 * row['std']:.2f}"
     header = ["network", "role", "backbone", "width", "embedding", "distillation", "steps", "last label loss",
               "last distill loss"] + [f"{dataset} (%)" for dataset in datasets]
+    names = {record.folder.resolve(): record.name for record in records}
+    teachers = {Path(teacher).resolve() for record in records
+                if (teacher := (record.job or {}).get("distill", {}).get("teacher"))}
     rows = []
     for index, record in enumerate(records):
         job = record.job or {}
         model, distill = job.get("model", {}), job.get("distill", {})
         methods = distill.get("methods") or {}
         teacher = distill.get("teacher")
-        role = f"student of {Path(teacher).name}" if teacher else ("student" if methods else "teacher / baseline")
+        if teacher:
+            role = f"student of {names.get(Path(teacher).resolve(), teacher)}"
+        else:
+            role = "teacher" if record.folder.resolve() in teachers else "no teacher"
         steps = record.scalars.get("loss/label", ([], []))[0]
         rows.append([f'<a href="#run-{index}">{_text(record.name)}</a>', _text(role),
                      _text(model.get("backbone", "n/a")), _text(model.get("width", "n/a")),
@@ -384,7 +391,7 @@ def _html_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], *, escape:
     show = _text if escape else str
     head = "".join(f"<th>{show(cell)}</th>" for cell in header)
     body = "\n".join("<tr>" + "".join(f"<td>{show(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
 
 
 def _plot_curves(series: Sequence[tuple[str, Mapping[str, tuple[list[int], list[float]]]]],

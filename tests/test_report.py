@@ -110,8 +110,8 @@ def test_comparison_puts_teacher_and_student_side_by_side(runs, tiny_data, tmp_p
     assert header[0] == "network" and header[-1] == "val (%)"
     body = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
     assert [len(row) for row in body] == [len(header)] * 2
-    assert "teacher_&lt;b&gt;&amp;" in body[0][0] and body[0][1] == "teacher / baseline" and body[0][6] == "4"
-    assert "student_kd" in body[1][0] and body[1][1] == "student of teacher" and body[1][5] == "kd × 1"
+    assert "teacher_&lt;b&gt;&amp;" in body[0][0] and body[0][1] == "teacher" and body[0][6] == "4"
+    assert "student_kd" in body[1][0] and body[1][1] == "student of teacher_&lt;b&gt;&amp;" and body[1][5] == "kd × 1"
     rows = json.loads((teacher / "eval" / "results.json").read_text())
     assert body[0][-1] == f"{100 * rows[0]['accuracy']:.2f} ± {100 * rows[0]['std']:.2f}" and body[1][-1] == "n/a"
     # the student's last logged distillation loss, as TensorBoard holds it
@@ -161,9 +161,9 @@ def test_missing_parts_are_named_and_bad_paths_refused(runs, tmp_path) -> None:
 def test_markdown_tables_headings_and_escaping() -> None:
     text = "# Title <x>\n\nLatest run & more\ntext.\n\n| a | b |\n| --- | :-: |\n| 1 | <i> |\n"
     assert markdown_to_html(text, heading_level=4).splitlines() == [
-        "<h4>Title &lt;x&gt;</h4>", "<p>Latest run &amp; more text.</p>", "<table>",
+        "<h4>Title &lt;x&gt;</h4>", "<p>Latest run &amp; more text.</p>", '<div class="scroll"><table>',
         "<thead><tr><th>a</th><th>b</th></tr></thead>", "<tbody>", "<tr><td>1</td><td>&lt;i&gt;</td></tr>",
-        "</tbody>", "</table>"]
+        "</tbody>", "</table></div>"]
 
 
 # the page in a real browser
