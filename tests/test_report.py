@@ -18,7 +18,7 @@ from facekd.config import job_from_dict
 from facekd.errors import ConfigError, DataError
 from facekd.report import build_report, markdown_to_html, read_run, read_scalars
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -182,28 +182,33 @@ images and every resource the browser fetched, in an attribute --dump-dom shows.
 @pytest.mark.slow
 def test_chromium_renders_the_report(runs, tmp_path) -> None:
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (install.sh installs Debian's chromium when run as root)")
+        pytest.skip("chromium is not installed (install.sh installs Debian's chromium when run as root)")
     report = build_report(runs, out=tmp_path / "report.html")
     probed = tmp_path / "probed.html"
-    probed.write_text(report.read_text().replace("<head>\n", "<head>\n" + _PROBE + "\n", 1))
+    # the probe, and a control it must catch: an image whose file is not there
+    control = '<img alt="probe control" src="not-there.png">'
+    probed.write_text(report.read_text().replace("<head>\n", "<head>\n" + _PROBE + "\n", 1)
+                      .replace("</body>", control + "</body>", 1))
     screenshot = tmp_path / "shot.png"
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MB, too little for the renderer
          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
          "--dump-dom", f"--screenshot={screenshot}", "--window-size=1280,2000", probed.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # the page parsed: its headings and tables are in the DOM, every image decoded, nothing else was fetched
+    # the page parsed: its headings and tables are in the DOM, every image but the control decoded, nothing was fetched
     dom = result.stdout
     for heading in ('<h1>facekd report</h1>', '<h2 id="comparison">Comparison</h2>', "<h3>Job spec</h3>",
                     "<h3>Training curves</h3>", "<h4>Verification (results.json)</h4>"):
         assert heading in dom, heading
     assert dom.count("<table>") == report.read_text().count("<table>") >= 2
     probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
-    assert probe["failed"] == [] and probe["broken"] == [] and probe["fetched"] == [], probe
-    assert probe["images"] == len(_images(report.read_text())) >= 3
+    assert probe["failed"] == [f"IMG {(tmp_path / 'not-there.png').as_uri()}"], probe
+    assert probe["broken"] == ["probe control"] and probe["fetched"] == [], probe
+    assert probe["images"] - 1 == len(_images(report.read_text())) >= 3
     # no console message (the page has no script of its own) and no failed load in the browser's log
     log = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "ERR_" in line]
     assert log == []
