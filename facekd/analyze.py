@@ -220,7 +220,8 @@ def analyze_routing(run: str | Path, data: str | Path, attributes: str | Path, *
         _plot(points, labels[name], f"{embed.upper()} of routing vectors by {name}", out_dir / plots[-1], legend=True)
     report = {
         "run": str(run), "data": str(data), "attributes": str(attributes), "backbone": network.job.model.backbone,
-        "routing_dim": int(beta.shape[1]), "images": len(keys), "images_without_attributes": counts["without_attributes"],
+        "routing_dim": int(beta.shape[1]), "images": len(keys),
+        "images_without_attributes": counts["without_attributes"],
         "method": method, "clusters": k, "clusters_used": int(len(np.unique(assignment))), "embedding": embed,
         "seed": seed, "scores": scores, "plots": plots,
     }

@@ -297,6 +297,11 @@ class Trainer:
             config = job.cluster
             cluster = ClusterHead(backbone.routing_dim, config.prototypes, head=config.head, head_dim=config.head_dim,
                                   hidden_dim=config.hidden_dim).to(device).train()
+            if (config.method == "kmeans" and world.distributed
+                    and job.deepspeed.get("zero_optimization", {}).get("stage", 0) > 0):
+                raise ConfigError("cluster.method kmeans writes each epoch's centroids into the prototypes, which "
+                                  "ZeRO's fp32 master partitions would overwrite: set deepspeed.zero_optimization.stage "
+                                  "to 0")
 
         # build the optimisers: the engine over backbone and adapters, the classifier shard beside it
         optim = job.optim
@@ -443,12 +448,12 @@ class Trainer:
                                "lr": run.lr, "images_per_second": images_per_second}
                     if run.cluster is not None:
                         metrics["loss_cluster"] = cluster_mean
-                        logger.info("%s step %d: loss %.4f, L_cls %.4f", job.name, run.step, label_mean, cluster_mean)
                 if run.step % train.checkpoint_every == 0 or run.step == last_step:
                     # never let a diverged state replace (and rotate away) the good checkpoints
                     if not window.all_finite(world):
                         self._diverged(f"the loss became non-finite before step {run.step}")
-                    modules = (run.backbone, run.head, run.distiller, *([run.cluster] if run.cluster is not None else []))
+                    modules = (run.backbone, run.head, run.distiller,
+                               *([run.cluster] if run.cluster is not None else []))
                     if not _agree(world, _all_finite([tensor for module in modules
                                                       for tensor in module.state_dict().values()
                                                       if tensor.is_floating_point()])):

@@ -23,7 +23,7 @@ def reference_ami(u: list, v: list) -> float:
     a, b = Counter(u), Counter(v)
     cells = Counter(zip(u, v))
     mi = sum(c / n * math.log(n * c / (a[i] * b[j])) for (i, j), c in cells.items())
-    entropy = lambda counts: -sum(c / n * math.log(c / n) for c in counts.values())  # noqa: E731
+    entropy = lambda counts: -sum(c / n * math.log(c / n) for c in counts.values())
     emi = 0.0
     for ai in a.values():
         for bj in b.values():
@@ -76,7 +76,8 @@ def test_analyze_routing_end_to_end(tiny_job, tiny_data, tmp_path, capsys):
     from facekd.config import job_from_dict
     from facekd.train import Trainer
 
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "condface_dgconv_iresnet18_sinkhorn.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "condface_dgconv_iresnet18_sinkhorn.yaml")
+                             .read_text())
     tiny = tiny_job("routed", train={"steps": 3, "checkpoint_every": 3})
     spec = {**shipped, **{section: tiny[section] for section in ("name", "data", "head", "optim", "train")},
             "model": {**shipped["model"], "width": 0.125, "embedding_dim": 16, "init_from": None},

@@ -164,7 +164,8 @@ def test_kmeans_rejects_more_clusters_than_points():
 
 
 def _job(backbone: str, **cluster) -> dict:
-    return {"name": "x", "data": {"manifest": "m"}, "model": {"backbone": backbone}, "train": {"output_dir": "o", "steps": 1},
+    return {"name": "x", "data": {"manifest": "m"}, "model": {"backbone": backbone},
+            "train": {"output_dir": "o", "steps": 1},
             "cluster": cluster}
 
 

@@ -113,7 +113,8 @@ class AttributeRenderer(FaceRenderer):
     def _pose_coefficients(self, rng) -> tuple[float, ...]:
         recorder = _Recorder(rng)
         coefficients = super()._pose_coefficients(recorder)
-        # draws in order: yaw U(−1, 1), pitch U(−1, 1) (× 0.6), shear, in-plane angle N(0, 7) (clipped), scale, shift
+        # draws in order: yaw U(−1, 1), pitch U(−1, 1) (× 0.6), shear, in-plane angle N(0, 7) (clipped), scale,
+        # shift
         (_, yaw), (_, pitch), _, (_, angle) = recorder.draws[:4]
         self._current["pose"] = {"yaw": float(yaw), "pitch": 0.6 * float(pitch),
                                  "roll": float(np.clip(angle, -18.0, 18.0))}
