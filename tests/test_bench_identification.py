@@ -40,3 +40,19 @@ def test_cli_runs_it(tmp_path) -> None:
     assert main(["bench", "identification", "--distractors", "4100", "--dim", "8", "--probes", "10", "--identities",
                  "3", "--device", "cpu", "--out", str(tmp_path / "results"), "--workdir", str(tmp_path)]) == 0
     assert len(list((tmp_path / "results").glob("*/identification.json"))) == 1
+
+
+def test_anonymous_peak_counts_private_memory_not_mapped_file_pages(tmp_path) -> None:
+    if bench.AnonymousPeak.read() is None:
+        import pytest
+
+        pytest.skip("no RssAnon in /proc/self/status on this system")
+    rows = bench.distractor_map(tmp_path, 65_536, 512)  # a 128 MiB file
+    with bench.AnonymousPeak() as mapped:
+        float(np.asarray(rows).sum(dtype=np.float64))  # touches every page of the map: file pages, not private
+    with bench.AnonymousPeak() as private:
+        block = np.ones(32 << 20)  # 256 MiB of private memory
+        float(block.sum())
+        del block
+    assert private.bytes - mapped.bytes > 200 << 20
+    assert mapped.bytes < bench.AnonymousPeak.read() + (64 << 20)

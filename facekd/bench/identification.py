@@ -5,8 +5,12 @@ The distractors are random unit rows in a float32 ``.npy`` memory map in ``--wor
 and reused by the next run), read ``--chunk`` rows at a time by :func:`facekd.evaluation.identification.identify`,
 as ``facekd eval --megaface`` reads a cached embedding file. Probes and gallery are MegaFace's FaceScrub sizes by
 default (3,530 probes of 80 identities). The scoring runs once after a warm-up on the first chunk: one call at
-1M distractors is minutes of CPU, and its rate is what the figure is for; the peak resident set (``ru_maxrss``)
-shows the memory map is never read whole.
+1M distractors is minutes of CPU, and its rate is what the figure is for. Memory is reported twice: the peak
+resident set (``ru_maxrss``), which also counts the map's file pages the kernel keeps cached once read (so it grows
+towards the map's size however little the scoring holds), and the peak of the process's anonymous memory
+(``RssAnon`` of /proc/self/status, sampled every 10 ms during the scoring): the working memory the scoring
+allocates itself — the chunk in the score dtype, its score block and the running top lists — which is what must
+stay far below N × D.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import os
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +65,43 @@ def distractor_map(workdir: Path, count: int, dim: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+class AnonymousPeak:
+    """The largest ``RssAnon`` (private resident memory, file pages excluded) of this process while the block runs,
+    sampled every ``interval`` seconds by a thread; ``bytes`` is None where /proc/self/status has no RssAnon."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def read() -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024  # kB
+        except OSError:
+            return None
+        return None
+
+    def _sample(self) -> None:
+        while True:
+            now = self.read()
+            if now is not None:
+                self.bytes = max(self.bytes or 0, now)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> AnonymousPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure(*, num_distractors: int, dim: int, num_probes: int, num_identities: int, chunk: int, dtype: str,
             device: Device, workdir: Path) -> dict:
     """One identification at this size: seconds, rates, memory."""
@@ -78,16 +120,20 @@ def measure(*, num_distractors: int, dim: int, num_probes: int, num_identities: 
     if device.is_cuda:
         torch.cuda.reset_peak_memory_stats(device.torch_device)
     device.synchronize()
-    start = time.perf_counter()
-    result = score(distractors)
-    device.synchronize()
-    seconds = time.perf_counter() - start
+    baseline_anon = AnonymousPeak.read()
+    with AnonymousPeak() as anon:
+        start = time.perf_counter()
+        result = score(distractors)
+        device.synchronize()
+        seconds = time.perf_counter() - start
     return {
         "distractors": num_distractors, "dim": dim, "probes": num_probes, "chunk": chunk, "dtype": dtype,
         "seconds": seconds, "distractors_per_s": num_distractors / seconds,
         "scores_per_s": num_distractors * num_probes / seconds,
         "map_bytes": int(distractors.nbytes),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "anon_before_bytes": baseline_anon,
+        "peak_anon_bytes": anon.bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device.torch_device) if device.is_cuda else None,
         "rank1": result.rank1, "tar_at_1e-6": result.tar_at_far[1e-6],
     }
@@ -98,6 +144,7 @@ COLUMNS = (
     Column("dtype", "scores"), Column("chunk", "chunk", "{:,}"), Column("seconds", "s", "{:.2f}"),
     Column("distractors_per_s", "distractors/s", "{:,.0f}"), Column("scores_per_s", "scores/s", "{:.3g}"),
     Column("map_bytes", "map bytes", "{:,}"), Column("peak_rss_bytes", "peak RSS bytes", "{:,}"),
+    Column("anon_before_bytes", "private bytes before", "{:,}"), Column("peak_anon_bytes", "peak private bytes", "{:,}"),
     Column("cuda_peak_bytes", "GPU peak bytes", "{:,}"),
 )
 CHART = Chart(x="distractors", y="seconds", series="dtype", panel=("dim", "probes"), x_label="distractors N",
