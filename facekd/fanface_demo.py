@@ -34,7 +34,7 @@ COMPARISON: dict[str, Any] = dict(
     synth=dict(num_identities=200, images_per_identity=24, num_val_identities=100, num_pairs=600, image_size=112),
     landmarks=dict(num_identities=200, images_per_identity=10, num_val_identities=40, val_images_per_identity=5,
                    image_size=112),
-    fan=dict(width=32, stacks=2, depth=4, image_size=64, steps=300, batch_size=32, lr=1e-3),
+    fan=dict(width=16, stacks=2, depth=4, image_size=64, steps=250, batch_size=16, lr=1e-3),
     frn=dict(backbone="iresnet18", width=0.25, embedding_dim=128, image_size=56, steps=200, batch_size=64),
 )
 """Sizes of the default run, chosen to fit about ten minutes of a 2-core CPU: the demo's 4,800 training faces of

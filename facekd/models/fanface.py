@@ -12,6 +12,7 @@ both. What the FRN receives from the FAN (thesis Sec. 3.2.2-3.2.4, the variants 
   outputs of stages 0-2 (56, 28, 14 px) are concatenated with the heatmaps, and the first unit of every stage
   takes C + N input channels (its BN, its first 3×3 conv and its 1×1 shortcut conv all see them). The final
   7×7 map is not one of these places (no drop follows it), which also leaves the 25088×512 FC unchanged.
+  ``heatmap_points="inner"`` stacks only the 51 inner points of a 68-point FAN, as the thesis (Sec. 3.2.1).
 - features (Sec. 3.2.3): the FAN's high-to-low (h2l) or low-to-high (l2h) path of hourglass 1 or 2 at
   S/4, S/8, S/16, S/32 (64, 32, 16, 8 for S = 256) is bilinearly interpolated to the FRN stage outputs
   (56, 28, 14, 7 for 112 px faces) and combined through an integration layer: ``1-1`` at the end of each
