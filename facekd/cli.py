@@ -28,6 +28,19 @@ def _data_synth(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _data_synth_landmarks(args: argparse.Namespace) -> None:
+    from facekd.data.synth_landmarks import synthesize_landmarks
+
+    manifest = synthesize_landmarks(
+        args.out, num_identities=args.identities, images_per_identity=args.images_per_identity,
+        num_val_identities=args.val_identities, val_images_per_identity=args.val_images_per_identity,
+        image_size=args.image_size, shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
+    )
+    splits = manifest["splits"]
+    print(f"{splits['train']['num_samples']} training and {splits['val']['num_samples']} held-out faces with 5 and "
+          f"68 landmarks under {args.out} (manifest.json)")
+
+
 def _data_convert(args: argparse.Namespace) -> None:
     from facekd.data.convert import convert_to_shards
 
@@ -52,6 +65,9 @@ def _train(args: argparse.Namespace) -> None:
     from facekd.config import load_job
 
     job = load_job(args.job, args.set)  # checked here, before any rank starts
+    if _is_landmark_job(job):
+        _train_landmarks(job, args)
+        return
     if args.ray:
         _train_on_ray(job, args)
         return
@@ -74,6 +90,23 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def _is_landmark_job(job) -> bool:
+    from facekd.config import LandmarkJobConfig
+
+    return isinstance(job, LandmarkJobConfig)
+
+
+def _train_landmarks(job, args: argparse.Namespace) -> None:
+    """A landmark job (``task: landmarks``): the FAN trains in this one process."""
+    from facekd.landmarks import LandmarkTrainer
+
+    if args.ray or args.nproc_per_node is not None:
+        raise ConfigError(f"{args.job} is a landmark job (task: landmarks), which trains in one process: drop "
+                          f"{'--ray' if args.ray else '--nproc-per-node'}")
+    summary = LandmarkTrainer(job, resume=args.resume).fit()
+    print(json.dumps(summary, indent=2))
+
+
 def _train_on_ray(job, args: argparse.Namespace) -> None:
     """``--ray``: the job on Ray Train workers of a cluster (``--address``) or of a Ray started here."""
     from facekd.distributed.ray_launch import check_address
@@ -93,7 +126,11 @@ def _submit(args: argparse.Namespace) -> None:
     from facekd.distributed.ray_jobs import dashboard_link
     from facekd.ray_train import ray_settings, submit_to_ray
 
-    job = ray_settings(load_job(args.job, args.set), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+    job = load_job(args.job, args.set)
+    if _is_landmark_job(job):
+        raise ConfigError(f"{args.job} is a landmark job (task: landmarks), which trains in one process: run it with "
+                          f"facekd train, not on a Ray cluster")
+    job = ray_settings(job, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                        gpus_per_worker=args.gpus_per_worker)  # checked here, before anything is sent
     flags = {"--workers": args.workers, "--cpus-per-worker": args.cpus_per_worker,
              "--gpus-per-worker": args.gpus_per_worker}
@@ -263,6 +300,19 @@ def _export(args: argparse.Namespace) -> None:
         print(f"{result['path']}: TorchScript, same input and output; max abs difference {result['max_abs_diff']:.2e}")
 
 
+def _analyze_routing(args: argparse.Namespace) -> None:
+    from facekd.analyze import analyze_routing
+
+    report = analyze_routing(args.run, args.data, args.attributes, clusters=args.clusters, method=args.method,
+                             embed=args.embed, out=args.out, max_images=args.max_images, device=args.device)
+    out = args.out if args.out is not None else Path(args.run) / "analysis" / "routing"
+    print(f"{report['images']} images, {report['clusters']} clusters ({report['method']}); purity / AMI (random):")
+    for name, row in report["scores"].items():
+        print(f"  {name:12s} {row['purity']:.3f} / {row['ami']:.3f}   ({row['random_purity']:.3f} / "
+              f"{row['random_ami']:.3f})")
+    print(f"report and plots in {out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from facekd.demo import run_demo
 
@@ -338,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic set in --out")
     synth.set_defaults(handler=_data_synth)
 
+    landmarks = data.add_parser("synth-landmarks", help="write synthetic faces with 5 and 68 landmarks as shards "
+                                                        "(a training split and a held-out split of unseen identities)")
+    landmarks.add_argument("--out", type=Path, required=True, help="output folder")
+    landmarks.add_argument("--identities", type=_positive_int, default=200, help="training identities (default 200)")
+    landmarks.add_argument("--images-per-identity", type=_positive_int, default=10, help="images of each (default 10)")
+    landmarks.add_argument("--val-identities", type=_positive_int, default=40,
+                           help="held-out identities, disjoint from training (default 40)")
+    landmarks.add_argument("--val-images-per-identity", type=_positive_int, default=5,
+                           help="images of each held-out identity (default 5)")
+    landmarks.add_argument("--image-size", type=_positive_int, default=128, help="side of the images (default 128)")
+    landmarks.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    landmarks.add_argument("--seed", type=int, default=0)
+    landmarks.add_argument("--overwrite", action="store_true", help="replace an earlier landmark set in --out")
+    landmarks.set_defaults(handler=_data_synth_landmarks)
+
     convert = data.add_parser("convert", help="RecordIO (.rec/.idx) or image folder → WebDataset shards (resumable)")
     convert.add_argument("source", type=Path, help="train.rec, a folder holding it, or root/<identity>/*.jpg")
     convert.add_argument("out", type=Path, help="shard folder (a manifest.json is written beside the shards)")
@@ -353,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_data_inspect)
 
     train = commands.add_parser("train", help="train a teacher or distil a student from a YAML job spec")
-    train.add_argument("job", type=Path, help="job spec (see jobs/)")
+    train.add_argument("job", type=Path, help="job spec (see jobs/; task: landmarks trains a FAN)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a key of the spec (repeatable), e.g. --set train.steps=100")
@@ -449,6 +514,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dynamic-batch", action="store_true", help="batch dimension free (default: 1)")
     export.add_argument("--torchscript", type=Path, default=None, help="OUT.pt (torch.jit.trace)")
     export.set_defaults(handler=_export)
+
+    analyze = commands.add_parser("analyze", help="analyse a trained network").add_subparsers(
+        dest="analysis", required=True, metavar="ANALYSIS")
+    routing = analyze.add_parser("routing", help="cluster a routed network's routing vectors; purity and AMI "
+                                                 "against attribute labels, PCA/t-SNE plots (CondFace)")
+    routing.add_argument("run", type=Path, help="run folder or checkpoint of a routed backbone")
+    routing.add_argument("--data", type=Path, required=True, help="shards: manifest.json or its folder")
+    routing.add_argument("--attributes", type=Path, required=True,
+                         help="CSV with an image_sha1 column (attributes.csv of 'facekd data synth')")
+    routing.add_argument("--clusters", type=_positive_int, default=300,
+                         help="k-means clusters (default 300, the thesis'; capped by the number of images)")
+    routing.add_argument("--method", choices=("kmeans", "prototypes"), default="kmeans",
+                         help="kmeans of the routing vectors, or the run's trained prototypes (a cluster: run)")
+    routing.add_argument("--embed", choices=("pca", "tsne"), default="pca", help="2-D embedding of the plots")
+    routing.add_argument("--out", type=Path, default=None, help="output folder (default RUN/analysis/routing)")
+    routing.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images")
+    routing.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    routing.set_defaults(handler=_analyze_routing)
 
     demo = commands.add_parser("demo", help="synthetic identities → shards → teacher → KD/GKD students → table")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out/)")
