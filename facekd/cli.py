@@ -1,5 +1,5 @@
 """The ``facekd`` command line (also ``python -m facekd``): data, train, submit, jobs, eval, import, centres, export,
-demo, bench."""
+analyze, demo, report, bench."""
 from __future__ import annotations
 
 import argparse
