@@ -232,3 +232,17 @@ def test_facekd_train_refuses_other_launchers_for_a_landmark_job(tmp_path, capsy
         assert "is a landmark job (task: landmarks), which trains in one process" in error and error.count("\n") == 1
     assert main(["submit", str(path)]) == 2
     assert "not on a Ray cluster" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fan_synthetic", "fan_2dfan4"])
+def test_shipped_landmark_job_specs_load(name):
+    from pathlib import Path
+
+    job = load_job(Path(__file__).parents[1] / "jobs" / "fanface" / f"{name}.yaml")
+    assert isinstance(job, LandmarkJobConfig) and job.landmarks.stacks == 2
+    if name == "fan_2dfan4":  # the released architecture: its first two stacks are 2DFAN4's, name for name
+        config = job.landmarks
+        assert (config.image_size, config.width, config.depth, config.sigma) == (256, 256, 4, 1.0)
+        two = FAN(stacks=2, width=config.width, depth=config.depth).state_dict()
+        four = FAN(stacks=4).state_dict()
+        assert all(key in four and four[key].shape == value.shape for key, value in two.items())
