@@ -11,7 +11,9 @@ from facekd.cli import main
 from facekd.config import LandmarkJobConfig, LandmarksConfig, job_from_dict, load_job
 from facekd.data.synth_landmarks import read_landmark_split, synthesize_landmarks
 from facekd.errors import CheckpointError, ConfigError
-from facekd.landmarks import LandmarkTrainer, _Samples, adaptive_wing_loss, augment, heatmap_loss, nme, predict_landmarks
+from facekd.landmarks import (
+    LandmarkTrainer, _Samples, adaptive_wing_loss, augment, heatmap_loss, nme, predict_landmarks,
+)
 from facekd.models.fan import FAN, image_to_heatmap, load_fan, render_heatmaps
 
 
@@ -20,7 +22,8 @@ def awing_by_hand(y_hat: float, y: float, alpha=2.1, omega=14.0, epsilon=1.0, th
     delta = abs(y - y_hat)
     if delta < theta:
         return omega * math.log(1 + (delta / epsilon) ** (alpha - y))
-    a = omega * (1 / (1 + (theta / epsilon) ** (alpha - y))) * (alpha - y) * (theta / epsilon) ** (alpha - y - 1) / epsilon
+    power = alpha - y
+    a = omega * (1 / (1 + (theta / epsilon) ** power)) * power * (theta / epsilon) ** (power - 1) / epsilon
     c = theta * a - omega * math.log(1 + (theta / epsilon) ** (alpha - y))
     return a * delta - c
 
@@ -143,7 +146,7 @@ def test_fan_overfits_a_handful_of_synthetic_faces(landmark_set, one_thread):
     # 4 faces, no augmentation: the FAN learns their 68 points to a small fraction of the eye distance (the mean
     # shape misses them by ~0.1-0.2); adaptive wing loss with its loss map, as the synthetic job trains
     torch.manual_seed(0)
-    encoded, points, dense = read_landmark_split(landmark_set, "train", "dense")
+    encoded, points, _ = read_landmark_split(landmark_set, "train", "dense")
     samples = _Samples(encoded[:4], points[:4], 64)
     images = torch.stack([samples[i][0] for i in range(4)])
     truth = torch.stack([samples[i][1] for i in range(4)])
