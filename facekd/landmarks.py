@@ -160,13 +160,18 @@ class _Samples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _scaled(self, points: Tensor, stored: tuple[int, int]) -> Tensor:
+        # pixel-centre coordinates scale about the edges: (p + 0.5)·new/old − 0.5, per axis
+        return (points + 0.5) * torch.tensor([self.size / stored[0], self.size / stored[1]]) - 0.5
+
+    def points_at_size(self, index: int) -> Tensor:
+        """Sample ``index``'s points in pixels of the resized image (reads only the image's header)."""
+        return self._scaled(self.points[index], Image.open(io.BytesIO(self.images[index])).size)
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image = Image.open(io.BytesIO(self.images[index])).convert("RGB")
-        points = self.points[index]
+        points = self._scaled(self.points[index], image.size)
         if image.size != (self.size, self.size):
-            # pixel-centre coordinates scale about the edges: (p + 0.5)·new/old − 0.5, per axis
-            factor = torch.tensor([self.size / image.size[0], self.size / image.size[1]])
-            points = (points + 0.5) * factor - 0.5
             image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), points
 
@@ -353,7 +358,8 @@ class LandmarkTrainer:
         predicts the training split's mean shape for every face."""
         config, batch_size = self.job.landmarks, self.job.train.batch_size
         images, truth, dense = read_landmark_split(config.manifest, "val", config.points)
-        _, train_points, _ = read_landmark_split(config.manifest, "train", config.points)
+        train_images, train_points, _ = read_landmark_split(config.manifest, "train", config.points)
+        train_samples = _Samples(train_images, train_points, config.image_size)
         samples = _Samples(images, np.concatenate([truth, dense], axis=1), config.image_size)
         count = truth.shape[1]
         predictions, truths, denses = [], [], []
@@ -367,8 +373,8 @@ class LandmarkTrainer:
             denses.append(moved[:, count:])
         prediction, truth, dense = (np.concatenate(parts) for parts in (predictions, truths, denses))
         errors = nme(prediction, truth, dense)
-        scale = config.image_size / read_landmark_manifest(config.manifest)[0]["image_size"]
-        mean_shape = (train_points.mean(axis=0) + 0.5) * scale - 0.5
+        mean_shape = torch.stack([train_samples.points_at_size(i) for i in range(len(train_samples))]).mean(0)
+        mean_shape = mean_shape.double().numpy()
         baseline = nme(np.broadcast_to(mean_shape, truth.shape), truth, dense)
         results = {
             "points": config.points,
