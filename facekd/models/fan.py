@@ -11,9 +11,9 @@ Parameter names and shapes are face-alignment's ``FAN`` (``face_alignment/models
   → ReLU → ``l{i}`` (1×1 to the heatmaps); between stacks ``bl{i}`` (1×1 of the features) and ``al{i}`` (1×1
   of the heatmaps) are added to the stack's input (intermediate supervision, Newell et al. 2016).
 
-The hourglass pools with 2×2 max pooling as the release whose ``.pth.tar`` weights this loads (face-alignment
-≥ 1.3 ships TorchScript models trained with average pooling instead; those are not state dicts and are not
-read here). ``width`` scales the whole network (256 in the release; the stem keeps its 1/4 and 1/2 ratios), so
+The hourglass pools with 2×2 max pooling, as the ``models.py`` released with the ``.pth.tar`` weights this loads
+(face-alignment's later ``models/fan.py`` pools by averaging and its later models are TorchScript archives, not
+state dicts: they are not read here). ``width`` scales the whole network (256 in the release; the stem keeps its 1/4 and 1/2 ratios), so
 a small FAN can be trained on a CPU.
 
 Coordinates: a landmark at (x, y) in heatmap pixels has pixel centres at integers (pixel (0, 0) spans
