@@ -90,7 +90,7 @@ def _time_step(suite: Suite, backbone: str, methods: dict | None, batch: _Synthe
 
     trainer, run = _build_run(suite, backbone, methods)
 
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return trainer._step(run, batch)
 
     # dry run: the Triton kernels in the interpreter, as a GPU runs them
