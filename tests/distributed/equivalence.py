@@ -97,7 +97,7 @@ def step(world: World, case: str) -> dict:
                **{f"distiller.{k}": v for k, v in distiller.named_parameters()}}
     before = {name: value.detach().clone() for name, value in trained.items()}
     head_before = head.weight.detach().clone()
-    label_loss, distill_loss = trainer._step(run, SimpleNamespace(images=images[rows], labels=labels[rows]))
+    label_loss, distill_loss, _ = trainer._step(run, SimpleNamespace(images=images[rows], labels=labels[rows]))
     return {
         "label": label_loss.item(), "distill": distill_loss.item(),
         "changes": {name: before[name] - value.detach() for name, value in trained.items()},
