@@ -31,7 +31,8 @@ from facekd.errors import CheckpointError
 
 __all__ = [
     "checkpoint_path", "clean_partial_checkpoints", "latest_checkpoint", "latest_intact_checkpoint",
-    "list_checkpoints", "load_checkpoint", "read_file", "save_checkpoint", "verify_checkpoint", "write_checkpoint",
+    "list_checkpoints", "load_checkpoint", "read_file", "save_checkpoint", "save_file", "verify_checkpoint",
+    "write_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_file(value: Any, path: Path) -> None:
-    """``torch.save`` of ``value`` to ``path``, flushed to disk."""
+def save_file(value: Any, path: Path) -> None:
+    """``torch.save`` of ``value`` to ``path``, flushed to disk: the writer of one file inside a ``write_checkpoint``
+    folder (:func:`read_file` reads it back)."""
     with open(path, "wb") as f:
         torch.save(value, f)
         f.flush()
@@ -157,7 +159,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step:
     ``state`` must hold only tensors, numbers, strings, and lists/tuples/dicts of them (what
     ``torch.load(weights_only=True)`` reads back).
     """
-    return write_checkpoint(folder, step, lambda partial: _save_file(state, partial / STATE), keep=keep)
+    return write_checkpoint(folder, step, lambda partial: save_file(state, partial / STATE), keep=keep)
 
 
 def read_file(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from facekd.config import LandmarkJobConfig, LandmarksConfig, job_to_dict
 from facekd.data.synth_landmarks import read_landmark_manifest, read_landmark_split
 from facekd.distributed.checkpoint import (
-    STATE, _save_file, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
+    STATE, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint, save_file,
     write_checkpoint,
 )
 from facekd.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -286,7 +286,7 @@ class LandmarkTrainer:
     def _save(self, fan: FAN, optimiser: torch.optim.Optimizer, step: int) -> Path:
         state = {"fan": self._fan_config(), "model": fan.state_dict(), "optimizer": optimiser.state_dict(),
                  "step": step, "job": job_to_dict(self.job)}
-        return write_checkpoint(self.checkpoint_dir, step, lambda partial: _save_file(state, partial / STATE),
+        return write_checkpoint(self.checkpoint_dir, step, lambda partial: save_file(state, partial / STATE),
                                 keep=self.job.train.keep_checkpoints)
 
     def _train(self, fan: FAN, optimiser: torch.optim.Optimizer, device: torch.device, samples: _Samples,

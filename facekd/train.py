@@ -40,8 +40,8 @@ from facekd.data.loader import build_train_loader, epoch_length, to_float
 from facekd.distill.distiller import Distiller, Outputs, gather_batch
 from facekd.distill.srrl import mixup_labeled_unlabeled
 from facekd.distributed.checkpoint import (
-    STATE, _save_file, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
-    read_file, verify_checkpoint, write_checkpoint,
+    STATE, clean_partial_checkpoints, latest_intact_checkpoint, list_checkpoints, load_checkpoint, read_file,
+    save_file, verify_checkpoint, write_checkpoint,
 )
 from facekd.distributed.engine import DeepSpeedOptimiser, LocalOptimiser, deepspeed_config
 from facekd.distributed.world import World, launched_by_a_launcher
@@ -300,8 +300,8 @@ class Trainer:
             if (config.method == "kmeans" and world.distributed
                     and job.deepspeed.get("zero_optimization", {}).get("stage", 0) > 0):
                 raise ConfigError("cluster.method kmeans writes each epoch's centroids into the prototypes, which "
-                                  "ZeRO's fp32 master partitions would overwrite: set deepspeed.zero_optimization.stage "
-                                  "to 0")
+                                  "ZeRO's fp32 master partitions would overwrite: set "
+                                  "deepspeed.zero_optimization.stage to 0")
 
         # build the optimisers: the engine over backbone and adapters, the classifier shard beside it
         optim = job.optim
@@ -379,7 +379,7 @@ class Trainer:
         if not world.distributed:
             state = {**common, "head": run.head.state_dict(), **run.optimiser.state_dict(),
                      "torch_rng": torch.get_rng_state()}
-            return write_checkpoint(self.checkpoint_dir, run.step, lambda partial: _save_file(state, partial / STATE),
+            return write_checkpoint(self.checkpoint_dir, run.step, lambda partial: save_file(state, partial / STATE),
                                     keep=job.train.keep_checkpoints)
         from facekd.distributed.classifier import shard_range
 
@@ -389,9 +389,9 @@ class Trainer:
                 for rank in range(world.world_size):
                     start, end = shard_range(run.head.num_classes, world.world_size, rank)
                     shards.append({"file": _classifier_file(rank), "class_offset": start, "rows": end - start})
-                _save_file({**common, "world_size": world.world_size, "classifier": shards}, partial / STATE)
+                save_file({**common, "world_size": world.world_size, "classifier": shards}, partial / STATE)
             (partial / "classifier").mkdir(exist_ok=True)
-            _save_file({"class_offset": run.head.class_offset, "weight": run.head.weight.detach(),
+            save_file({"class_offset": run.head.class_offset, "weight": run.head.weight.detach(),
                         "optimizer": run.optimiser.classifier_optimizer.state_dict(),
                         "torch_rng": torch.get_rng_state()}, partial / _classifier_file(world.rank))
             run.optimiser.save(partial)
@@ -427,7 +427,8 @@ class Trainer:
 
                 # log (the only host synchronisation of the loop) and checkpoint
                 if run.step % train.log_every == 0 or run.step == last_step:
-                    steps = f"steps {run.step - window.steps + 1}-{run.step}" if window.steps > 1 else f"step {run.step}"
+                    first = run.step - window.steps + 1
+                    steps = f"steps {first}-{run.step}" if window.steps > 1 else f"step {run.step}"
                     label_mean, distill_mean, cluster_mean, images_per_second = window.read(train.batch_size, world)
                     final_loss = label_mean + distill_mean + job.cluster.weight * cluster_mean
                     if not math.isfinite(final_loss):
