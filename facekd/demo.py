@@ -81,20 +81,27 @@ def demo_jobs(out: Path) -> dict[str, dict[str, Any]]:
     return jobs
 
 
+def prepare_synthetic_shards(out: Path, sizes: dict[str, Any], *, seed: int = 0, fresh: bool = False,
+                             progress: bool = True) -> Path:
+    """The working folder of a synthetic run (emptied first when ``fresh``): synthetic identities of ``sizes`` (the
+    keywords of :func:`facekd.data.synth.synthesize`) in ``out/data``, in the formats users arrive with, and their
+    WebDataset shards in ``out/shards``; finished stages are reused. Returns ``out/shards``."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    data = out / "data"
+    if not (data / "synth.json").is_file():
+        synthesize(data, **sizes, seed=seed, overwrite=True, show_progress=progress)
+    # RecordIO → WebDataset shards (resumable: finished shards are kept)
+    convert_to_shards(data / "rec", out / "shards", shard_size=1000, seed=seed, show_progress=progress)
+    return out / "shards"
+
+
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", fresh: bool = False) -> list[dict[str, Any]]:
     """Run the demo in ``out``; prints and returns the verification rows (see module docstring)."""
     out = Path(out).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
     start = time.perf_counter()
-
-    # synthetic identities in the formats users arrive with
+    prepare_synthetic_shards(out, DEMO_SYNTH, fresh=fresh)
     data = out / "data"
-    if not (data / "synth.json").is_file():
-        synthesize(data, **DEMO_SYNTH, seed=0, overwrite=True)
-
-    # RecordIO → WebDataset shards (resumable: finished shards are kept)
-    convert_to_shards(data / "rec", out / "shards", shard_size=1000, seed=0)
 
     # job specs, written where a user can rerun them
     (out / "jobs").mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ from typing import Any
 import yaml
 
 from facekd.config import job_from_dict
-from facekd.data.convert import convert_to_shards
-from facekd.data.synth import synthesize
+from facekd.demo import prepare_synthetic_shards
 from facekd.eval import evaluate_checkpoints, format_table
 
 __all__ = ["COMPARISON", "comparison_jobs", "run_comparison"]
@@ -94,15 +92,11 @@ def run_comparison(out: str | Path = "fanface_out", *, sizes: dict[str, Any] | N
 
     sizes = sizes or COMPARISON
     out = Path(out).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
     start = time.perf_counter()
 
     # synthetic identities and their shards (the demo's data), and synthetic landmark faces
+    prepare_synthetic_shards(out, sizes["synth"], seed=_SEED, fresh=fresh, progress=progress)
     data = out / "data"
-    if not (data / "synth.json").is_file():
-        synthesize(data, **sizes["synth"], seed=_SEED, overwrite=True, show_progress=progress)
-    convert_to_shards(data / "rec", out / "shards", shard_size=1000, seed=_SEED, show_progress=progress)
     if not (out / "landmarks" / "manifest.json").is_file():
         synthesize_landmarks(out / "landmarks", **sizes["landmarks"], seed=_SEED, overwrite=True,
                              show_progress=progress)
