@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facekd.kernels import dyn_group_conv2d
-from facekd.models.iresnet import IBasicBlock, IResNet
+from facekd.models.iresnet import IBasicBlock, IResNet, shortcut
 
 # DyConv Sec. 3.2, "temperature annealing": τ falls linearly from 30 to 1 over the first 10 epochs.
 TEMPERATURE_START = 30.0
@@ -140,12 +140,7 @@ class RoutedBasicBlock(nn.Module):
         self.prelu = nn.PReLU(out_channels)
         self.conv2 = DynamicGroupConv2d(out_channels, out_channels, stride=stride, **conv)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.downsample = shortcut(in_channels, out_channels, stride)
         self.last_routing: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -167,6 +167,17 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """The shortcut of a residual unit: a strided 1×1 conv + BN when the unit changes resolution or width, else
+    None (the identity)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
 class IBasicBlock(nn.Module):
     """IResNet's improved residual unit ("IR" in ArcFace's LResNet-E-IR networks).
 
@@ -183,12 +194,7 @@ class IBasicBlock(nn.Module):
         self.prelu = nn.PReLU(out_channels)
         self.conv2 = conv3x3(out_channels, out_channels, stride)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.downsample = shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
