@@ -27,7 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from facekd.errors import ConfigError, DataError
+from facekd.data.convert import read_json
+from facekd.errors import ConfigError
 
 __all__ = ["RunRecord", "build_report", "markdown_to_html", "read_run", "read_scalars"]
 
@@ -100,7 +101,7 @@ def read_run(folder: str | Path) -> RunRecord:
     missing = []
     job = None
     if (folder / "job.json").is_file():
-        job = _read_json(folder / "job.json")
+        job = read_json(folder / "job.json")
     else:
         missing.append(f"job spec: no job.json in {folder}")
     scalars: dict[str, tuple[list[int], list[float]]] = {}
@@ -295,7 +296,7 @@ def _verification_rows(folder: Path) -> list[dict[str, Any]]:
     path = folder / "results.json"
     if not path.is_file():
         return []
-    rows = _read_json(path)
+    rows = read_json(path)
     if not isinstance(rows, list):
         return []
     keep = []
@@ -324,7 +325,7 @@ def _bench_section(root: Path) -> str:
             if markdown.is_file():
                 parts.append(markdown_to_html(markdown.read_text(), heading_level=5))
             elif data.is_file():
-                parts.append(_json_rows_table(_read_json(data)))
+                parts.append(_json_rows_table(read_json(data)))
             if chart.is_file():
                 parts.append(_image(chart.read_bytes(), f"{bench} on {device.name}"))
     if not found:
@@ -434,13 +435,6 @@ def _ordered_tags(tags: Iterable[str]) -> list[str]:
 def _last(record: RunRecord, tag: str) -> str:
     values = record.scalars.get(tag, ([], []))[1]
     return f"{values[-1]:.4f}" if values else "n/a"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
 
 
 def _number(value: Any) -> float:

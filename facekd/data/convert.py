@@ -396,6 +396,14 @@ def _run_tasks(tasks: Sequence[_ShardTask], num_workers: int) -> Iterator[dict[s
         yield from pool.map(_write_shard, tasks)
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in the UTF-8 file ``path``; a DataError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+
+
 def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """Loads and validates a shard manifest (a ``manifest.json`` or the directory holding it).
 
@@ -406,10 +414,7 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"shard manifest {path} does not exist")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:

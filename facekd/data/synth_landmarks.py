@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from facekd.data.convert import _add_member, shard_name
+from facekd.data.convert import _add_member, read_json, shard_name
 from facekd.data.synth import (
     JPEG_QUALITY, FaceParams, FaceRenderer, _check_count, _superellipse, encode_jpeg, face_params,
 )
@@ -278,10 +278,7 @@ def read_landmark_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
         path = path / "manifest.json"
     if not path.is_file():
         raise DataError(f"landmark manifest {path} does not exist")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != LANDMARK_MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path} is not a landmark manifest (format {LANDMARK_MANIFEST_FORMAT!r}), got {found!r}")
